@@ -1,0 +1,61 @@
+// lowrank_ext::linear — y = ((x V) Sᵀ) Uᵀ + bias, with W = U S Vᵀ never formed.
+//
+// Shapes: x (..., in), U (out, r), S (r) diagonal or (r, r) core, V (in, r), bias (out).
+// Shared by the CPU and CUDA backends: the argument checks and the kernel signatures.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace lowrank_ext {
+
+// Sizes of one call, after the checks: the batch is every leading dim of x folded together.
+struct LinearSizes {
+  int64_t batch;         // product of x's leading dims (0 allowed)
+  int64_t in_features;   // n
+  int64_t out_features;  // m
+  int64_t rank;          // r >= 1
+  bool diagonal_core;    // S is a vector
+};
+
+// Checks x, U, S, V, bias for a forward call and returns the sizes. Every failure is a
+// c10::Error (RuntimeError in Python) whose message names the argument and what was expected.
+LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
+                              const at::Tensor& V, const std::optional<at::Tensor>& bias,
+                              at::DeviceType backend);
+
+// Checks the extra arguments of the backward op (grad_y, and t when it is needed).
+LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                       const at::Tensor& t, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V,
+                                       at::DeviceType backend);
+
+// Output shape of y: x's leading dims followed by out_features.
+std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features);
+
+// Forward kernels. Return (y, t): y has shape (..., out); t = x V has shape (batch, r) when
+// save_t is true and shape (0,) otherwise. Inputs may be non-contiguous.
+std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& U,
+                                                      const at::Tensor& S, const at::Tensor& V,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      bool save_t);
+std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& U,
+                                                       const at::Tensor& S, const at::Tensor& V,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       bool save_t);
+
+// Backward kernels. output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias); an output
+// that is not asked for is returned as an empty tensor of shape (0,). grad_x has x's shape.
+// t is the saved x V of shape (batch, r); it is only read when grad_U or grad_S is asked for.
+using LinearGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& t,
+                                const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                                std::array<bool, 5> output_mask);
+LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                 const at::Tensor& V, std::array<bool, 5> output_mask);
+
+}  // namespace lowrank_ext

@@ -1,0 +1,22 @@
+// Every schema of the lowrank_ext namespace, in one place.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowrank_ext, m) {
+  // Public op: y = ((x V) Sᵀ) Uᵀ + bias. Composite: it calls linear_forward, which carries the
+  // kernels and the autograd formula, so linear itself needs no backend kernels.
+  m.def("linear(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? bias=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Fused forward; t = x V (shape (batch, r)) is returned for backward when save_t, else (0,).
+  m.def(
+      "linear_forward(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? bias, bool save_t) "
+      "-> (Tensor y, Tensor t)",
+      {at::Tag::pt2_compliant_tag});
+  // Fused backward; output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias), the
+  // outputs not asked for come back as empty (0,) tensors.
+  m.def(
+      "linear_backward(Tensor grad_y, Tensor x, Tensor t, Tensor U, Tensor S, Tensor V, "
+      "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_U, Tensor grad_S, Tensor grad_V, "
+      "Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+}

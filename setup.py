@@ -1,0 +1,95 @@
+"""Build of lowrank_ext._C: CPU kernels always, CUDA kernels when they can be built.
+
+CUDA is built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1 (then a missing
+toolkit is an error, never a silent CPU-only build). FORCE_CUDA=0 builds CPU kernels only.
+TORCH_CUDA_ARCH_LIST defaults to sm_80, sm_86, sm_89 and sm_90 with PTX.
+
+Build against the torch you already have: pip install --no-build-isolation -e .
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pip's isolated build env has no torch: say how to build instead
+    sys.exit(
+        "lowrank_ext builds against the torch already installed; install torch first "
+        "(e.g. `pip install torch==2.13.0`), then build with "
+        "`pip install --no-build-isolation -e .`"
+    )
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (ROOT / "lowrank_ext" / "version.py").read_text()
+).group(1)
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def build_with_cuda() -> bool:
+    force = os.environ.get("FORCE_CUDA")
+    nvcc = CUDA_HOME is not None and Path(CUDA_HOME, "bin", "nvcc").exists()
+    if force == "0":
+        return False
+    if force == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build; "
+                "install a CUDA build of torch to compile the CUDA kernels"
+            )
+        if not nvcc:
+            raise RuntimeError(
+                "FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME to a CUDA toolkit"
+            )
+        return True
+    return torch.version.cuda is not None and nvcc
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def write_build_config(with_cuda: bool, archs: str) -> None:
+    """Record what this build was made against; lowrank_ext checks it before loading _C."""
+    (ROOT / "lowrank_ext" / "_build_config.py").write_text(
+        "# Written by setup.py at build time; do not edit.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCHS = {archs if with_cuda else ''!r}\n"
+    )
+
+
+with_cuda = build_with_cuda()
+cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
+if with_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    extension = CUDAExtension(
+        "lowrank_ext._C",
+        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cuda/*.cu"),
+        include_dirs=[str(ROOT / "csrc")],
+        define_macros=[("LOWRANK_EXT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
+    )
+else:
+    extension = CppExtension(
+        "lowrank_ext._C",
+        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp"),
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+write_build_config(with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+
+setup(
+    version=VERSION,
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+)
