@@ -58,9 +58,17 @@ def _check_fake_args(x, U, S, V, bias):
         lambda: f"lowrank_ext.linear: argument 'bias' must be ({U.shape[0]},)",
     )
     for name, other in (("U", U), ("S", S), ("V", V), ("bias", bias)):
+        if other is None:
+            continue
         torch._check(
-            other is None or other.dtype == x.dtype,
-            lambda name=name: f"lowrank_ext.linear: argument '{name}' must have x's dtype {x.dtype}",
+            other.dtype == x.dtype,
+            lambda name=name, other=other: f"lowrank_ext.linear: argument '{name}' has dtype "
+            f"{other.dtype} but x has dtype {x.dtype}",
+        )
+        torch._check(
+            other.device == x.device,
+            lambda name=name, other=other: f"lowrank_ext.linear: argument '{name}' is on "
+            f"{other.device} but x is on {x.device}",
         )
 
 

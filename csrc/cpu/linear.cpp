@@ -9,13 +9,20 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+#include <cstdlib>
 
 namespace lowrank_ext {
 namespace {
 
 // 64 rows of fp32 x at in_features = 4096 is 1 MiB: a block stays in L2 between its GEMMs.
-constexpr int64_t kRowBlock = 64;
+int64_t kRowBlockFwd = std::getenv("RB_FWD") ? std::atoi(std::getenv("RB_FWD")) : 64;
+int64_t kRowBlockBwdMul = std::getenv("RB_BWD") ? std::atoi(std::getenv("RB_BWD")) : 0;
+
+// The kernels call ATen ops on tensors that may require grad; autograd must not see them. The
+// guard is thread-local, so each at::parallel_for worker sets its own.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -32,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& bias,
                                                       bool save_t) {
   const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCPU);
+  BelowAutograd below_autograd;
   const auto opts = x.options();
   at::Tensor y = at::empty(linear_output_shape(x, sz.out_features), opts);
   at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
@@ -42,10 +50,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   const at::Tensor US_T = fold_core(U, S).t();
   const bool has_bias = bias.has_value() && bias->defined();
 
-  at::parallel_for(0, sz.batch, kRowBlock, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = save_t ? at::Tensor() : at::empty({kRowBlock, sz.rank}, opts);
-    for (int64_t row = begin; row < end; row += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, end - row);
+  at::parallel_for(0, sz.batch, kRowBlockFwd, [&](int64_t begin, int64_t end) {
+    BelowAutograd below_autograd_in_worker;
+    at::Tensor scratch = save_t ? at::Tensor() : at::empty({kRowBlockFwd, sz.rank}, opts);
+    for (int64_t row = begin; row < end; row += kRowBlockFwd) {
+      const int64_t rows = std::min(kRowBlockFwd, end - row);
       at::Tensor t_blk = save_t ? t.narrow(0, row, rows) : scratch.narrow(0, 0, rows);
       at::Tensor y_blk = y2.narrow(0, row, rows);
       at::mm_out(t_blk, x2.narrow(0, row, rows), V);
@@ -63,6 +72,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
                                 const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                 std::array<bool, 5> output_mask) {
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCPU);
+  BelowAutograd below_autograd;
   const auto [need_dx, need_dU, need_dS, need_dV, need_dbias] = output_mask;
   const bool need_t = need_dU || need_dS;
   const bool need_g = need_dS || need_dV || need_dx;  // g = grad_y U
@@ -70,6 +80,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const bool need_x = need_dV || need_dx || (need_t && t.numel() == 0);
   const auto opts = x.options();
   const int64_t r = sz.rank;
+  const int64_t kRowBlock = kRowBlockBwdMul ? std::max<int64_t>(64, kRowBlockBwdMul * r) : 64;
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : empty_grad(x);
   // One accumulator per thread for the reductions over the batch, summed at the end.
@@ -95,6 +106,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     const at::Tensor ones = at::ones({kRowBlock}, opts);
 
     at::parallel_for(0, sz.batch, kRowBlock, [&](int64_t begin, int64_t end) {
+      BelowAutograd below_autograd_in_worker;
       const int64_t slot = at::get_thread_num();
       at::Tensor g = at::empty({kRowBlock, r}, opts);
       at::Tensor work = at::empty({kRowBlock, r}, opts);  // z = t Sᵀ, then g ⊙ t, then dt

@@ -1,0 +1,234 @@
+"""Throughput table of lowrank_ext.linear against its baselines, in one run.
+
+    python bench/run.py                      # quick default: ~5 min on a 2-core CPU
+    python bench/run.py --device cuda        # bf16 B=8192 in=out=4096 r=16,64,256
+    python bench/run.py --full --max-autotune
+
+Prints a Markdown table (median per implementation, ratio baseline/fused: >1 means the fused op
+is faster, and the fused op's effective bandwidth and % of the memory floor), and writes
+OUT/results.json and OUT/throughput_vs_rank.png. Every implementation is checked against a
+float64 reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bandwidth import copy_bandwidth, floor_bytes
+from cases import (
+    FULL,
+    IMPLS,
+    MAX_AUTOTUNE,
+    PASSES,
+    QUICK,
+    dtype_name,
+    make_problem,
+    make_step,
+    parse_dtype,
+)
+from correctness import Reference, check
+from plot import throughput_vs_rank
+from report import table, write_json
+from timing import copies_for_cold_cache, measure, summarize
+from tqdm import tqdm
+
+import lowrank_ext
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--dtype", nargs="+", help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--batch", nargs="+", type=int, help="rows of x (replaces the preset's)")
+    p.add_argument("--features", nargs="+", help="N (in=out=N) or INxOUT (replaces the preset's)")
+    p.add_argument("--ranks", nargs="+", type=int, help="replaces the preset's ranks")
+    p.add_argument("--repeats", type=int, help="timed calls per case (default: 5 CPU, 50 CUDA)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed calls after the check (default: 1 CPU, 5 CUDA)"
+    )
+    p.add_argument("--impls", nargs="+", choices=[*IMPLS, MAX_AUTOTUNE], help="default: all")
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--full", action="store_true", help="more ranks and shapes")
+    p.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="also torch.compile(mode='max-autotune') (compiling takes minutes)",
+    )
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    return p.parse_args(argv)
+
+
+def select_shapes(args, device_type: str):
+    """The preset's shapes, with --batch/--features/--ranks replacing those dimensions."""
+    shapes = (FULL if args.full else QUICK)[device_type]["shapes"]
+    if args.batch:
+        shapes = [dataclasses.replace(s, batch=b) for s in shapes for b in args.batch]
+    if args.features:
+        pairs = [
+            tuple(int(v) for v in f.lower().split("x")) if "x" in f.lower() else (int(f),) * 2
+            for f in args.features
+        ]
+        shapes = [
+            dataclasses.replace(s, in_features=i, out_features=o) for s in shapes for i, o in pairs
+        ]
+    if args.ranks:
+        shapes = [dataclasses.replace(s, rank=r) for s in shapes for r in args.ranks]
+    return list(dict.fromkeys(shapes))  # dedupe, keep order
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores, torch threads={torch.get_num_threads()}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False")
+    impls = list(args.impls or IMPLS) + ([MAX_AUTOTUNE] if args.max_autotune else [])
+    impls = list(dict.fromkeys(impls))
+    if device.type == "cuda" and "fused" in impls and not lowrank_ext.build_info()["cuda_kernels"]:
+        sys.exit("lowrank_ext was built without CUDA kernels; rebuild with nvcc on PATH")
+    dtypes = [
+        parse_dtype(d)
+        for d in (args.dtype or (FULL if args.full else QUICK)[device.type]["dtypes"])
+    ]
+    shapes = select_shapes(args, device.type)
+    cuda = device.type == "cuda"
+    repeats = args.repeats or (50 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+
+    print(f"device: {device_name(device)}", file=sys.stderr)
+    bandwidth = copy_bandwidth(device)
+    print(
+        f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read+write)", file=sys.stderr
+    )
+
+    records: list[dict] = []
+    dense_done: dict[tuple, dict] = {}  # dense does not depend on the rank: time it once per shape
+    bar = tqdm(
+        total=len(dtypes) * len(shapes) * len(args.passes) * len(impls),
+        file=sys.stderr,
+        unit="case",
+    )
+    for dtype in dtypes:
+        for shape in shapes:
+            elt = torch.empty((), dtype=dtype).element_size()
+            per_copy = elt * shape.batch * (shape.in_features + shape.out_features)  # x and dy
+            copies = copies_for_cold_cache(per_copy, device)
+            problem = make_problem(shape, dtype, device, copies=copies)
+            ref = Reference(problem)
+            for pass_ in args.passes:
+                group = []
+                for impl in impls:
+                    bar.set_description(f"r={shape.rank} {dtype_name(dtype)} {pass_} {impl}")
+                    dense_key = (shape.batch, shape.in_features, shape.out_features, dtype, pass_)
+                    if impl == "dense" and dense_key in dense_done:
+                        stats = dense_done[dense_key]
+                    else:
+                        step = make_step(impl, problem, pass_)
+                        stats = run_case(
+                            impl, pass_, problem, ref, step, copies, device, warmup, repeats
+                        )
+                        if impl == "dense":
+                            stats = dense_done[dense_key] = {**stats, "timed_at_rank": shape.rank}
+                    group.append(
+                        {
+                            **dataclasses.asdict(shape),
+                            "dtype": dtype_name(dtype),
+                            "pass": pass_,
+                            "impl": impl,
+                            "copies": copies,
+                            **stats,
+                        }
+                    )
+                    bar.update()
+                add_ratios_and_floor(group, shape, dtype, bandwidth["bytes_per_s"])
+                records += group
+            del problem, ref
+            gc.collect()
+    bar.close()
+
+    meta = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "build_info": lowrank_ext.build_info(),
+        "torch_threads": torch.get_num_threads(),
+        "copy_bandwidth": bandwidth,
+        "repeats": repeats,
+        "warmup": warmup,
+        "argv": sys.argv,
+        "ratio": "baseline median / fused median (>1: fused is faster)",
+    }
+    print(
+        f"\n{meta['device']} | torch {meta['torch']} | lowrank_ext {meta['build_info']['version']}"
+        f" | copy {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s | median of {repeats}\n"
+    )
+    print(table(records, impls))
+    json_path = args.out / "results.json"
+    write_json(json_path, meta, records)
+    print(f"\nwrote {json_path}")
+    png = args.out / "throughput_vs_rank.png"
+    if throughput_vs_rank(records, impls, png, meta["device"]):
+        print(f"wrote {png}")
+    else:
+        print("matplotlib is not installed: skipped the PNG (pip install matplotlib)")
+    return 0
+
+
+def run_case(impl, pass_, problem, ref, step, copies, device, warmup, repeats) -> dict:
+    """Check, warm up, time. The first call's time (compilation included) is kept apart."""
+    t0 = time.perf_counter()
+    out = step(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_call_s = time.perf_counter() - t0
+    check(impl, pass_, problem, ref, out)
+    del out
+    stats = summarize(measure(step, copies, device, warmup, repeats))
+    return {**stats, "first_call_s": first_call_s}
+
+
+def add_ratios_and_floor(group: list[dict], shape, dtype, copy_bytes_per_s: float) -> None:
+    """ratio = baseline / fused; the fused op's effective bandwidth and % of the memory floor."""
+    fused = next((r for r in group if r["impl"] == "fused"), None)
+    for rec in group:
+        rec["ratio"] = None
+        if fused is not None and rec is not fused:
+            rec["ratio"] = rec["median_s"] / fused["median_s"]
+    if fused is not None:
+        nbytes = floor_bytes(shape, dtype, fused["pass"])
+        fused["floor_bytes"] = nbytes
+        fused["floor_s"] = nbytes / copy_bytes_per_s
+        fused["eff_bytes_per_s"] = nbytes / fused["median_s"]
+        fused["pct_floor"] = 100 * fused["floor_s"] / fused["median_s"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
