@@ -50,7 +50,7 @@ def test_missing_build_says_how_to_build(monkeypatch):
         return real_import(name)
 
     monkeypatch.setattr(_extension.importlib, "import_module", without_build)
-    with pytest.raises(ImportError, match="not built; build it .* pip install --no-build-isolation"):
+    with pytest.raises(ImportError, match="not built; build it .* `pip install --no-build-isolation -e .`"):
         _extension.load()
 
 
