@@ -30,7 +30,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)  # allocated and touched once, so no page faults are timed
     dst.copy_(src)
-    stats = summarize(measure(lambda _: dst.copy_(src), 1, device, warmup=2, repeats=repeats))
+    times = measure({"copy": lambda _: dst.copy_(src)}, 1, device, warmup=2, repeats=repeats)
+    stats = summarize(times["copy"])
     stats["bytes"] = 2 * nbytes
     stats["bytes_per_s"] = 2 * nbytes / stats["median_s"]
     return stats

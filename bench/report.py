@@ -41,7 +41,7 @@ def table(records: list[dict], impls: list[str]) -> str:
             else:
                 cells.append(f"{rec['median_s'] * 1e3:.2f} ({rec['ratio']:.2f}×)")
         if fused and fused.get("pct_floor") is not None:
-            cells += [f"{fused['eff_bytes_per_s'] / 1e9:.0f}", f"{fused['pct_floor']:.0f}%"]
+            cells += [f"{fused['eff_bytes_per_s'] / 1e9:.1f}", f"{fused['pct_floor']:.0f}%"]
         else:
             cells += ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", nargs="+", type=int, help="rows of x (replaces the preset's)")
     p.add_argument("--features", nargs="+", help="N (in=out=N) or INxOUT (replaces the preset's)")
     p.add_argument("--ranks", nargs="+", type=int, help="replaces the preset's ranks")
-    p.add_argument("--repeats", type=int, help="timed calls per case (default: 5 CPU, 50 CUDA)")
+    p.add_argument("--repeats", type=int, help="timed calls per case (default: 7 CPU, 50 CUDA)")
     p.add_argument(
         "--warmup", type=int, help="untimed calls after the check (default: 1 CPU, 5 CUDA)"
     )
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ]
     shapes = select_shapes(args, device.type)
     cuda = device.type == "cuda"
-    repeats = args.repeats or (50 if cuda else 5)
+    repeats = args.repeats or (50 if cuda else 7)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
 
     print(f"device: {device_name(device)}", file=sys.stderr)
@@ -129,11 +129,8 @@ def main(argv=None) -> int:
 
     records: list[dict] = []
     dense_done: dict[tuple, dict] = {}  # dense does not depend on the rank: time it once per shape
-    bar = tqdm(
-        total=len(dtypes) * len(shapes) * len(args.passes) * len(impls),
-        file=sys.stderr,
-        unit="case",
-    )
+    groups = len(dtypes) * len(shapes) * len(args.passes)
+    bar = tqdm(total=groups * (len(impls) + repeats), file=sys.stderr, unit="step")
     for dtype in dtypes:
         for shape in shapes:
             elt = torch.empty((), dtype=dtype).element_size()
@@ -142,30 +139,26 @@ def main(argv=None) -> int:
             problem = make_problem(shape, dtype, device, copies=copies)
             ref = Reference(problem)
             for pass_ in args.passes:
-                group = []
+                label = f"r={shape.rank} {dtype_name(dtype)} {pass_}"
+                dense_key = (shape.batch, shape.in_features, shape.out_features, dtype, pass_)
+                steps, first_call = {}, {}
                 for impl in impls:
-                    bar.set_description(f"r={shape.rank} {dtype_name(dtype)} {pass_} {impl}")
-                    dense_key = (shape.batch, shape.in_features, shape.out_features, dtype, pass_)
-                    if impl == "dense" and dense_key in dense_done:
-                        stats = dense_done[dense_key]
-                    else:
-                        step = make_step(impl, problem, pass_)
-                        stats = run_case(
-                            impl, pass_, problem, ref, step, copies, device, warmup, repeats
-                        )
-                        if impl == "dense":
-                            stats = dense_done[dense_key] = {**stats, "timed_at_rank": shape.rank}
-                    group.append(
-                        {
-                            **dataclasses.asdict(shape),
-                            "dtype": dtype_name(dtype),
-                            "pass": pass_,
-                            "impl": impl,
-                            "copies": copies,
-                            **stats,
-                        }
-                    )
+                    bar.set_description(f"{label} check {impl}")
+                    if not (impl == "dense" and dense_key in dense_done):
+                        steps[impl] = make_step(impl, problem, pass_)
+                        first_call[impl] = check_first_call(impl, pass_, problem, ref, steps[impl])
                     bar.update()
+                bar.set_description(f"{label} timing")
+                times = measure(steps, copies, device, warmup, repeats, tick=bar.update)
+                stats = {
+                    n: {**summarize(t), "first_call_s": first_call[n]} for n, t in times.items()
+                }
+                if "dense" in stats:
+                    dense_done[dense_key] = {**stats["dense"], "timed_at_rank": shape.rank}
+                if "dense" in impls:
+                    stats["dense"] = dense_done[dense_key]
+                common = {**dataclasses.asdict(shape), "dtype": dtype_name(dtype), "pass": pass_}
+                group = [{**common, "impl": n, "copies": copies, **stats[n]} for n in impls]
                 add_ratios_and_floor(group, shape, dtype, bandwidth["bytes_per_s"])
                 records += group
             del problem, ref
@@ -202,17 +195,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_case(impl, pass_, problem, ref, step, copies, device, warmup, repeats) -> dict:
-    """Check, warm up, time. The first call's time (compilation included) is kept apart."""
+def check_first_call(impl, pass_, problem, ref, step) -> float:
+    """Run step(0) once, check it against the float64 reference, return its time (which
+    includes torch.compile's compilation, so it is kept apart from the timed calls)."""
     t0 = time.perf_counter()
     out = step(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    first_call_s = time.perf_counter() - t0
+    if problem.xs[0].is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     check(impl, pass_, problem, ref, out)
-    del out
-    stats = summarize(measure(step, copies, device, warmup, repeats))
-    return {**stats, "first_call_s": first_call_s}
+    return seconds
 
 
 def add_ratios_and_floor(group: list[dict], shape, dtype, copy_bytes_per_s: float) -> None:

@@ -1,8 +1,8 @@
-"""Timing of one step: warm-up, then `repeats` timed calls; median and quartiles.
+"""Timing: warm-up, then `repeats` timed calls of each step; median and quartiles.
 
 CPU: wall clock around each call (the ops are synchronous). CUDA: a pair of events around each
-call on the current stream, read after one synchronize at the end, so the host's launch
-overhead is hidden exactly as it is in a training loop.
+call on the current stream, read after one synchronize at the end, so the GPU time is measured
+and the host only has to keep the queue full, as in a training loop.
 """
 
 from __future__ import annotations
@@ -24,28 +24,40 @@ def copies_for_cold_cache(bytes_per_copy: int, device: torch.device) -> int:
     return max(1, min(16, math.ceil(2 * cache / max(bytes_per_copy, 1)) + 1))
 
 
-def measure(step, copies: int, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of step(i), i rotating over `copies` inputs."""
+def measure(steps: dict, copies: int, device: torch.device, warmup: int, repeats: int, tick=None):
+    """Seconds per call of each step(i), i rotating over `copies` inputs: {name: [seconds]}.
+
+    The steps run round-robin, one call each per round, starting one further along every round:
+    on a shared machine, load that comes and goes then hits every implementation alike, and the
+    same-run ratios stay meaningful even when the absolute times drift. `tick()` after a round.
+    """
+    names = list(steps)
     for i in range(warmup):
-        step(i % copies)
-    if device.type == "cuda":
+        for name in names:
+            steps[name](i % copies)
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(repeats)
-        ]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            step(i % copies)
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    times = []
+    pending = {name: [] for name in names}  # CUDA: event pairs; CPU: seconds
     for i in range(repeats):
-        t0 = time.perf_counter()
-        step(i % copies)
-        times.append(time.perf_counter() - t0)
-    return times
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                steps[name](i % copies)
+                end.record()
+                pending[name].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                steps[name](i % copies)
+                pending[name].append(time.perf_counter() - t0)
+        if tick is not None:
+            tick()
+    if not cuda:
+        return pending
+    torch.cuda.synchronize(device)
+    return {n: [s.elapsed_time(e) / 1e3 for s, e in pairs] for n, pairs in pending.items()}
 
 
 def summarize(times: list[float]) -> dict:

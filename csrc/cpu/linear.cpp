@@ -1,6 +1,6 @@
 // CPU kernels of lowrank_ext::linear (float32, float64).
 //
-// Both passes walk the batch in blocks of kRowBlock rows under at::parallel_for. A block of x
+// Both passes walk the batch in blocks of rows under at::parallel_for. A block of x
 // (and of grad_y) is read from memory once and reused from cache by the small GEMMs that
 // follow, and every result is written straight into its slice of the output, so no B×out or
 // B×in temporary is ever allocated (on this class of machine the page faults of a fresh large
@@ -11,18 +11,44 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
-#include <cstdlib>
+#include <cstdint>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace lowrank_ext {
 namespace {
 
-// 64 rows of fp32 x at in_features = 4096 is 1 MiB: a block stays in L2 between its GEMMs.
-int64_t kRowBlockFwd = std::getenv("RB_FWD") ? std::atoi(std::getenv("RB_FWD")) : 64;
-int64_t kRowBlockBwdMul = std::getenv("RB_BWD") ? std::atoi(std::getenv("RB_BWD")) : 0;
+// Rows per block. At small r a block of 64 rows of x (1 MiB of fp32 at in = 4096) stays in L2
+// between the GEMMs that read it. Blocks grow with r because BLAS runs short GEMMs poorly and,
+// in the backward, every block re-reads and re-writes the (in + out)×r gradient accumulators:
+// 2r/rows of a block's own traffic. Measured on a 2-core EPYC (bench/RESULTS.md).
+int64_t forward_rows(int64_t rank) { return std::max<int64_t>(64, 4 * rank); }
+int64_t backward_rows(int64_t rank) { return std::max<int64_t>(64, 8 * rank); }
+
+// Grain of at::parallel_for: a whole block, but never so large that a thread is left idle.
+int64_t grain(int64_t batch, int64_t block) {
+  return std::max<int64_t>(1, std::min(block, at::divup(batch, at::get_num_threads())));
+}
 
 // The kernels call ATen ops on tensors that may require grad; autograd must not see them. The
 // guard is thread-local, so each at::parallel_for worker sets its own.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// The kernels are the first to touch their large outputs (y, grad_x); with 4 KiB pages those
+// page faults cost more than the arithmetic at small rank. Ask for transparent huge pages on
+// the 2 MiB-aligned interior before the first write. Advisory: a no-op where THP is off or
+// the memory was mapped before.
+void advise_huge_pages(const at::Tensor& fresh) {
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -42,19 +68,21 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   BelowAutograd below_autograd;
   const auto opts = x.options();
   at::Tensor y = at::empty(linear_output_shape(x, sz.out_features), opts);
+  advise_huge_pages(y);
   at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
   if (sz.batch == 0) return {y, t};
 
   const at::Tensor x2 = x.contiguous().view({sz.batch, sz.in_features});
   const at::Tensor y2 = y.view({sz.batch, sz.out_features});
   const at::Tensor US_T = fold_core(U, S).t();
+  const int64_t block = forward_rows(sz.rank);
   const bool has_bias = bias.has_value() && bias->defined();
 
-  at::parallel_for(0, sz.batch, kRowBlockFwd, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sz.batch, grain(sz.batch, block), [&](int64_t begin, int64_t end) {
     BelowAutograd below_autograd_in_worker;
-    at::Tensor scratch = save_t ? at::Tensor() : at::empty({kRowBlockFwd, sz.rank}, opts);
-    for (int64_t row = begin; row < end; row += kRowBlockFwd) {
-      const int64_t rows = std::min(kRowBlockFwd, end - row);
+    at::Tensor scratch = save_t ? at::Tensor() : at::empty({block, sz.rank}, opts);
+    for (int64_t row = begin; row < end; row += block) {
+      const int64_t rows = std::min(block, end - row);
       at::Tensor t_blk = save_t ? t.narrow(0, row, rows) : scratch.narrow(0, 0, rows);
       at::Tensor y_blk = y2.narrow(0, row, rows);
       at::mm_out(t_blk, x2.narrow(0, row, rows), V);
@@ -80,9 +108,10 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const bool need_x = need_dV || need_dx || (need_t && t.numel() == 0);
   const auto opts = x.options();
   const int64_t r = sz.rank;
-  const int64_t kRowBlock = kRowBlockBwdMul ? std::max<int64_t>(64, kRowBlockBwdMul * r) : 64;
+  const int64_t block = backward_rows(r);
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : empty_grad(x);
+  if (need_dx) advise_huge_pages(dx);
   // One accumulator per thread for the reductions over the batch, summed at the end.
   const int64_t slots = at::get_num_threads();
   auto accumulator = [&](bool needed, at::IntArrayRef shape) {
@@ -103,15 +132,15 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     if (need_t) t2 = t.numel() != 0 ? t.contiguous() : at::mm(x2, V);  // t not saved: recompute
     const at::Tensor dx2 = need_dx ? dx.view({sz.batch, sz.in_features}) : at::Tensor();
     const at::Tensor S_T = S.dim() == 2 ? S.t() : S;
-    const at::Tensor ones = at::ones({kRowBlock}, opts);
+    const at::Tensor ones = at::ones({block}, opts);
 
-    at::parallel_for(0, sz.batch, kRowBlock, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, sz.batch, grain(sz.batch, block), [&](int64_t begin, int64_t end) {
       BelowAutograd below_autograd_in_worker;
       const int64_t slot = at::get_thread_num();
-      at::Tensor g = at::empty({kRowBlock, r}, opts);
-      at::Tensor work = at::empty({kRowBlock, r}, opts);  // z = t Sᵀ, then g ⊙ t, then dt
-      for (int64_t row = begin; row < end; row += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, end - row);
+      at::Tensor g = at::empty({block, r}, opts);
+      at::Tensor work = at::empty({block, r}, opts);  // z = t Sᵀ, then g ⊙ t, then dt
+      for (int64_t row = begin; row < end; row += block) {
+        const int64_t rows = std::min(block, end - row);
         const at::Tensor dy_blk = dy2.narrow(0, row, rows);
         at::Tensor g_blk = g.narrow(0, 0, rows);
         at::Tensor work_blk = work.narrow(0, 0, rows);
