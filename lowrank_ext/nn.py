@@ -16,8 +16,8 @@ def _check_rank(rank, in_features: int, out_features: int) -> int:
     limit = min(in_features, out_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
         raise ValueError(
-            f"argument 'rank' must be an int in [1, min(in_features, out_features)] = [1, {limit}], "
-            f"got {rank!r}"
+            "argument 'rank' must be an int in [1, min(in_features, out_features)] = "
+            f"[1, {limit}], got {rank!r}"
         )
     return rank
 
@@ -207,8 +207,10 @@ class LowRankLinear(nn.Module):
                 f"core={self.core!r}"
             )
         if not isinstance(extra, dict) or extra.get("rank", rank) != rank:
-            return f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "\
+            return (
+                f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "
                 f"{tuple(saved['U'].shape)}"
+            )
         for name, tensor in saved.items():
             if tuple(tensor.shape) != expected[name] or not 1 <= rank <= min(
                 self.in_features, self.out_features

@@ -41,17 +41,25 @@ def linear(
 def _check_fake_args(x, U, S, V, bias):
     # Shape checks at trace time (the kernels repeat them with the full message at run time).
     torch._check(x.dim() >= 1, lambda: "lowrank_ext.linear: argument 'x' must have at least 1 dim")
-    torch._check(U.dim() == 2, lambda: f"lowrank_ext.linear: argument 'U' must be 2-D, got {U.dim()}-D")
-    torch._check(V.dim() == 2, lambda: f"lowrank_ext.linear: argument 'V' must be 2-D, got {V.dim()}-D")
+    torch._check(
+        U.dim() == 2, lambda: f"lowrank_ext.linear: argument 'U' must be 2-D, got {U.dim()}-D"
+    )
+    torch._check(
+        V.dim() == 2, lambda: f"lowrank_ext.linear: argument 'V' must be 2-D, got {V.dim()}-D"
+    )
     r = U.shape[1]
     torch._check(V.shape[1] == r, lambda: "lowrank_ext.linear: 'U' and 'V' must share the rank")
     torch._check(
         V.shape[0] == x.shape[-1],
-        lambda: f"lowrank_ext.linear: argument 'V' must be ({x.shape[-1]}, rank), got {tuple(V.shape)}",
+        lambda: (
+            f"lowrank_ext.linear: argument 'V' must be ({x.shape[-1]}, rank), got {tuple(V.shape)}"
+        ),
     )
     torch._check(
         S.shape in ((r,), (r, r)),
-        lambda: f"lowrank_ext.linear: argument 'S' must be ({r},) or ({r}, {r}), got {tuple(S.shape)}",
+        lambda: (
+            f"lowrank_ext.linear: argument 'S' must be ({r},) or ({r}, {r}), got {tuple(S.shape)}"
+        ),
     )
     torch._check(
         bias is None or bias.shape == (U.shape[0],),
@@ -62,13 +70,16 @@ def _check_fake_args(x, U, S, V, bias):
             continue
         torch._check(
             other.dtype == x.dtype,
-            lambda name=name, other=other: f"lowrank_ext.linear: argument '{name}' has dtype "
-            f"{other.dtype} but x has dtype {x.dtype}",
+            lambda name=name, other=other: (
+                f"lowrank_ext.linear: argument '{name}' has dtype "
+                f"{other.dtype} but x has dtype {x.dtype}"
+            ),
         )
         torch._check(
             other.device == x.device,
-            lambda name=name, other=other: f"lowrank_ext.linear: argument '{name}' is on "
-            f"{other.device} but x is on {x.device}",
+            lambda name=name, other=other: (
+                f"lowrank_ext.linear: argument '{name}' is on {other.device} but x is on {x.device}"
+            ),
         )
 
 

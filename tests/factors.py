@@ -3,8 +3,18 @@
 import torch
 
 
-def make_factors(batch_shape, in_features, out_features, rank, *, core="diag", bias=True,
-                 dtype=torch.float64, device="cpu", generator=None):
+def make_factors(
+    batch_shape,
+    in_features,
+    out_features,
+    rank,
+    *,
+    core="diag",
+    bias=True,
+    dtype=torch.float64,
+    device="cpu",
+    generator=None,
+):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(
             device=device, dtype=dtype

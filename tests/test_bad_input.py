@@ -25,7 +25,10 @@ def call(args):
         ({"x": torch.tensor(1.0)}, "'x' must have at least 1 dimension"),
         ({"U": torch.randn(5)}, "'U' must be 2-D"),
         ({"V": torch.randn(6, 3, 1)}, "'V' must be 2-D"),
-        ({"U": torch.randn(5, 0), "V": torch.randn(6, 0), "S": torch.randn(0)}, "'U' must have at least one column"),
+        (
+            {"U": torch.randn(5, 0), "V": torch.randn(6, 0), "S": torch.randn(0)},
+            "'U' must have at least one column",
+        ),
     ],
 )
 def test_wrong_dims(overrides, match):
@@ -86,14 +89,27 @@ def test_device_mismatch():
 def test_backward_op_checks_grad_y_and_t():
     x, U, S, V, _ = make_factors((4,), 6, 5, 3)
     with pytest.raises(RuntimeError, match=r"'grad_y' must have shape \[4, 5\]"):
-        torch.ops.lowrank_ext.linear_backward(torch.randn(4, 6, dtype=x.dtype), x, x @ V, U, S, V, [True] * 5)
+        torch.ops.lowrank_ext.linear_backward(
+            torch.randn(4, 6, dtype=x.dtype), x, x @ V, U, S, V, [True] * 5
+        )
     with pytest.raises(RuntimeError, match=r"'t' \(the saved x V\) must have shape \(4, 3\)"):
-        torch.ops.lowrank_ext.linear_backward(torch.randn(4, 5, dtype=x.dtype), x, torch.randn(3, 3, dtype=x.dtype), U, S, V, [True] * 5)
+        torch.ops.lowrank_ext.linear_backward(
+            torch.randn(4, 5, dtype=x.dtype),
+            x,
+            torch.randn(3, 3, dtype=x.dtype),
+            U,
+            S,
+            V,
+            [True] * 5,
+        )
 
 
 @pytest.mark.parametrize("rank", [0, -1, 6, 2.0, True])
 def test_module_rank_out_of_range(rank):
-    with pytest.raises(ValueError, match=r"'rank' must be an int in \[1, min\(in_features, out_features\)\] = \[1, 5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'rank' must be an int in \[1, min\(in_features, out_features\)\] = \[1, 5\]",
+    ):
         LowRankLinear(6, 5, rank)
 
 

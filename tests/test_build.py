@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_version_has_one_source():
     text = (ROOT / "lowrank_ext" / "version.py").read_text()
     assert re.search(r'__version__ = "([^"]+)"', text).group(1) == lowrank_ext.__version__
-    assert "version" in re.search(r"dynamic = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    assert "version" in re.search(
+        r"dynamic = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text()
+    ).group(1)
 
 
 def test_build_info_reports_the_build():
@@ -50,7 +52,9 @@ def test_missing_build_says_how_to_build(monkeypatch):
         return real_import(name)
 
     monkeypatch.setattr(_extension.importlib, "import_module", without_build)
-    with pytest.raises(ImportError, match="not built; build it .* `pip install --no-build-isolation -e .`"):
+    with pytest.raises(
+        ImportError, match="not built; build it .* `pip install --no-build-isolation -e .`"
+    ):
         _extension.load()
 
 

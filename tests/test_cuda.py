@@ -48,8 +48,9 @@ def test_runs_on_the_current_stream():
 
 def test_compile_reduce_overhead_cuda_graphs():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(LowRankLinear(64, 48, 8), torch.nn.ReLU(),
-                                LowRankLinear(48, 16, 4, core="full")).cuda()
+    model = torch.nn.Sequential(
+        LowRankLinear(64, 48, 8), torch.nn.ReLU(), LowRankLinear(48, 16, 4, core="full")
+    ).cuda()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(32, 64, device="cuda")
     for _ in range(3):  # record, then replay the graph
@@ -80,5 +81,7 @@ def test_64_bit_indexing_past_2_to_the_31_elements():
     for row in (0, rows // 2, rows - 1):  # the last rows live past 2**31 elements
         ref = reference.linear(*as_float64(x[row : row + 1], U, S, V))
         torch.testing.assert_close(y[row : row + 1].double(), ref, rtol=4e-2, atol=8e-2)
-        dx_ref = (torch.ones(1, 8, dtype=torch.float64, device="cuda") @ (U.double() * S.double())) @ V.double().T
+        dx_ref = (
+            torch.ones(1, 8, dtype=torch.float64, device="cuda") @ (U.double() * S.double())
+        ) @ V.double().T
         torch.testing.assert_close(x.grad[row : row + 1].double(), dx_ref, rtol=4e-2, atol=8e-2)

@@ -108,8 +108,9 @@ def test_fused_matches_float64_reference(
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     rows = data.draw(st.integers(1, 130), label="leading rows")  # a 1st dim to cross row blocks
     shape = (rows, *batch_shape)
-    args = make_factors(shape, in_features, out_features, rank, core=core, bias=bias,
-                        dtype=dtype, device=device)
+    args = make_factors(
+        shape, in_features, out_features, rank, core=core, bias=bias, dtype=dtype, device=device
+    )
     args = [None if t is None else _strided(t, layout) for t in args]
     _check_against_float64(args, dtype)
 
@@ -117,8 +118,9 @@ def test_fused_matches_float64_reference(
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("core", CORES)
 def test_empty_batch(device, core):
-    x, U, S, V, b = (t.requires_grad_() for t in make_factors((0, 3), 7, 5, 2, core=core,
-                                                              device=device))
+    x, U, S, V, b = (
+        t.requires_grad_() for t in make_factors((0, 3), 7, 5, 2, core=core, device=device)
+    )
     y = lowrank_ext.linear(x, U, S, V, b)
     assert y.shape == (0, 3, 5)
     y.sum().backward()
@@ -139,7 +141,9 @@ def test_only_requested_gradients_are_computed(device):
     x, U, S, V, b = make_factors((4,), 6, 5, 3, device=device)
     t = x @ V
     dy = torch.randn(4, 5, dtype=x.dtype, device=device)
-    grads = torch.ops.lowrank_ext.linear_backward(dy, x, t, U, S, V, [False, True, False, False, False])
+    grads = torch.ops.lowrank_ext.linear_backward(
+        dy, x, t, U, S, V, [False, True, False, False, False]
+    )
     assert [g.numel() for g in grads] == [0, U.numel(), 0, 0, 0]
     U64 = U.detach().requires_grad_()
     reference.linear(x, U64, S, V).backward(dy)

@@ -51,7 +51,9 @@ def test_init_matches_linear_output_variance():
     torch.manual_seed(0)
     x = torch.randn(2048, 512)
     dense = torch.stack([nn.Linear(512, 256, bias=False)(x).var() for _ in range(4)]).mean()
-    lowrank = torch.stack([LowRankLinear(512, 256, 16, bias=False)(x).var() for _ in range(4)]).mean()
+    lowrank = torch.stack(
+        [LowRankLinear(512, 256, 16, bias=False)(x).var() for _ in range(4)]
+    ).mean()
     assert lowrank.item() == pytest.approx(dense.item(), rel=0.1)
     layer = LowRankLinear(64, 48, 8, core="full")
     eye = torch.eye(8)
@@ -84,7 +86,9 @@ def test_state_dict_mismatch_names_both_shapes():
     saved = LowRankLinear(10, 8, 3).state_dict()
     with pytest.raises(RuntimeError, match=r"size mismatch for V: .*shape \(10, 3\).* \(11, 2\)"):
         LowRankLinear(11, 8, 2).load_state_dict(saved)
-    with pytest.raises(RuntimeError, match="checkpoint has core='diag' but the module has core='full'"):
+    with pytest.raises(
+        RuntimeError, match="checkpoint has core='diag' but the module has core='full'"
+    ):
         LowRankLinear(10, 8, 3, core="full").load_state_dict(saved)
     corrupt = dict(saved, _extra_state={"rank": 4, "core": "diag"})
     with pytest.raises(RuntimeError, match="recorded rank .* disagrees with U of shape"):
