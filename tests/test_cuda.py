@@ -85,3 +85,13 @@ def test_64_bit_indexing_past_2_to_the_31_elements():
             torch.ones(1, 8, dtype=torch.float64, device="cuda") @ (U.double() * S.double())
         ) @ V.double().T
         torch.testing.assert_close(x.grad[row : row + 1].double(), dx_ref, rtol=4e-2, atol=8e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_casts_to_the_autocast_dtype(dtype):
+    args = make_factors((64,), 48, 32, 8, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y = lowrank_ext.linear(*args)
+    assert y.dtype == dtype
+    expected = reference.linear(*as_float64(*(t.to(dtype) for t in args)))
+    torch.testing.assert_close(y.double(), expected, rtol=4e-2, atol=8e-2)
