@@ -36,6 +36,13 @@ def build_with_cuda() -> bool:
     nvcc = CUDA_HOME is not None and Path(CUDA_HOME, "bin", "nvcc").exists()
     if force == "0":
         return False
+    if nvcc and torch.version.cuda and not Path(CUDA_HOME, "include", "cuda_runtime.h").exists():
+        # torch takes CUDA_HOME from the nvcc on PATH; a wrapper script there points it at
+        # a folder that is no toolkit, and the link would fail much later (-lcudart).
+        raise RuntimeError(
+            f"CUDA_HOME={CUDA_HOME} (guessed from the nvcc on PATH) holds no CUDA toolkit "
+            "(include/cuda_runtime.h is missing); set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda"
+        )
     if force == "1":
         if torch.version.cuda is None:
             raise RuntimeError(

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -520,6 +521,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                                                        bool save_t) {
   const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
   const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
   const bool has_bias = bias.has_value() && bias->defined();
   const auto y_shape = linear_output_shape(x, m);
@@ -566,6 +568,7 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& V, std::array<bool, 5> output_mask) {
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
   const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
   const bool diag = sz.diagonal_core;
   const bool need_dx = output_mask[0], need_dU = output_mask[1], need_dS = output_mask[2],
