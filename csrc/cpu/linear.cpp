@@ -11,11 +11,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
-#include <cstdint>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace lowrank_ext {
 namespace {
@@ -36,20 +31,6 @@ int64_t grain(int64_t batch, int64_t block) {
 // guard is thread-local, so each at::parallel_for worker sets its own.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// The kernels are the first to touch their large outputs (y, grad_x); with 4 KiB pages those
-// page faults cost more than the arithmetic at small rank. Ask for transparent huge pages on
-// the 2 MiB-aligned interior before the first write. Advisory: a no-op where THP is off or
-// the memory was mapped before.
-void advise_huge_pages(const at::Tensor& fresh) {
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // U S (diagonal or full): folding the core into U once costs O(out·r²), and then
@@ -68,7 +49,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   BelowAutograd below_autograd;
   const auto opts = x.options();
   at::Tensor y = at::empty(linear_output_shape(x, sz.out_features), opts);
-  advise_huge_pages(y);
   at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
   if (sz.batch == 0) return {y, t};
 
@@ -111,7 +91,6 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const int64_t block = backward_rows(r);
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : empty_grad(x);
-  if (need_dx) advise_huge_pages(dx);
   // One accumulator per thread for the reductions over the batch, summed at the end.
   const int64_t slots = at::get_num_threads();
   auto accumulator = [&](bool needed, at::IntArrayRef shape) {
