@@ -194,23 +194,28 @@ class LowRankLinear(nn.Module):
         saved = {name: state_dict.get(prefix + name) for name in ("U", "S", "V")}
         if any(t is None for t in saved.values()):
             return None  # missing keys are reported by the default loader
+        for name, tensor in saved.items():
+            if not torch.is_tensor(tensor):
+                return f"{prefix}{name}: checkpoint holds a {type(tensor).__name__}, not a tensor"
         extra = state_dict.get(prefix + "_extra_state", {})
-        rank = saved["U"].shape[1] if saved["U"].dim() == 2 else -1
-        expected = {
-            "U": (self.out_features, rank),
-            "S": (rank,) if extra.get("core", self.core) == "diag" else (rank, rank),
-            "V": (self.in_features, rank),
-        }
+        if not isinstance(extra, dict):
+            return f"{prefix}_extra_state: expected a dict with 'rank' and 'core', got {extra!r}"
         if extra.get("core", self.core) != self.core:
             return (
                 f"{prefix}S: checkpoint has core={extra['core']!r} but the module has "
                 f"core={self.core!r}"
             )
-        if not isinstance(extra, dict) or extra.get("rank", rank) != rank:
+        rank = saved["U"].shape[1] if saved["U"].dim() == 2 else -1
+        if extra.get("rank", rank) != rank:
             return (
                 f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "
                 f"{tuple(saved['U'].shape)}"
             )
+        expected = {
+            "U": (self.out_features, rank),
+            "S": self._core_shape(rank),
+            "V": (self.in_features, rank),
+        }
         for name, tensor in saved.items():
             if tuple(tensor.shape) != expected[name] or not 1 <= rank <= min(
                 self.in_features, self.out_features

@@ -95,6 +95,19 @@ def test_state_dict_mismatch_names_both_shapes():
         LowRankLinear(10, 8, 3).load_state_dict(corrupt)
 
 
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("_extra_state", "garbage", "expected a dict with 'rank' and 'core'"),
+        ("U", [[1.0]], "U: checkpoint holds a list, not a tensor"),
+    ],
+)
+def test_corrupt_checkpoint_gets_a_clear_error(key, value, match):
+    corrupt = dict(LowRankLinear(10, 8, 3).state_dict(), **{key: value})
+    with pytest.raises(RuntimeError, match=match):
+        LowRankLinear(10, 8, 3).load_state_dict(corrupt)
+
+
 def test_failed_load_leaves_module_unchanged():
     layer = LowRankLinear(10, 8, 3)
     before = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
