@@ -6,10 +6,10 @@ import torch
 
 from . import reference
 from .nn import LowRankLinear
-from .ops import BUILD_CONFIG, linear
+from .ops import BUILD_CONFIG, linear, project_out
 from .version import __version__
 
-__all__ = ["LowRankLinear", "__version__", "build_info", "linear", "reference"]
+__all__ = ["LowRankLinear", "__version__", "build_info", "linear", "project_out", "reference"]
 
 
 def build_info() -> dict:

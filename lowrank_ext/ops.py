@@ -143,3 +143,13 @@ def _differentiable_backward(grad_y, x, U, S, V, mask):
 torch.library.register_autograd(
     "lowrank_ext::linear_forward", _backward, setup_context=_setup_context
 )
+
+
+def project_out(
+    Q: torch.Tensor, X: torch.Tensor, passes: int = 2, normalize: bool = False
+) -> torch.Tensor:
+    """Y = X − Q(QᵀX) applied `passes` times; columns scaled to unit norm if `normalize`.
+
+    TEMPORARY: plain-PyTorch until the fused kernel lands (same contract).
+    """
+    return reference.project_out(Q, X, passes, normalize)

@@ -42,3 +42,14 @@ def linear_chained(
 def dense_weight(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """W = U S Vᵀ as a dense (out, in) matrix — for checks and tools, never for the forward."""
     return (U * S) @ V.T if S.dim() == 1 else U @ S @ V.T
+
+
+def project_out(
+    Q: torch.Tensor, X: torch.Tensor, passes: int = 2, normalize: bool = False
+) -> torch.Tensor:
+    """Y = X − Q(QᵀX), applied `passes` times (classical Gram–Schmidt), columns optionally
+    scaled to unit norm. Q: (n, k) with orthonormal columns, X: (n, p)."""
+    Y = X
+    for _ in range(passes):
+        Y = Y - Q @ (Q.T @ Y)
+    return Y / torch.linalg.vector_norm(Y, dim=0) if normalize else Y
