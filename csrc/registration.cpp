@@ -19,4 +19,20 @@ TORCH_LIBRARY(lowrank_ext, m) {
       "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_U, Tensor grad_S, Tensor grad_V, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // Public op: Y = X − Q(QᵀX) applied `passes` times, columns optionally normalized.
+  // Composite: it calls project_out_forward, which carries the kernels and the autograd formula.
+  m.def("project_out(Tensor Q, Tensor X, int passes=2, bool normalize=False) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Fused forward; also returns the float64 coefficients C_j = Qᵀ Y_j, shape (passes, k, p),
+  // and the float64 column norms of Y before normalization, shape (p,) (or (0,)).
+  m.def(
+      "project_out_forward(Tensor Q, Tensor X, int passes, bool normalize) "
+      "-> (Tensor Y, Tensor coeffs, Tensor norms)",
+      {at::Tag::pt2_compliant_tag});
+  // Fused backward; output_mask selects (grad_Q, grad_X), the others come back as (0,).
+  m.def(
+      "project_out_backward(Tensor grad_Y, Tensor Q, Tensor X, Tensor Y, Tensor coeffs, "
+      "Tensor norms, int passes, bool normalize, bool[2] output_mask) "
+      "-> (Tensor grad_Q, Tensor grad_X)",
+      {at::Tag::pt2_compliant_tag});
 }

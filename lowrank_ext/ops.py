@@ -2,6 +2,8 @@
 
 `linear` is `torch.ops.lowrank_ext.linear`, a composite of `linear_forward` (fused kernel,
 returns y and the saved t = x V) whose backward is the fused `linear_backward` op.
+`project_out` is likewise a composite of `project_out_forward` (returns Y and the float64
+Gram–Schmidt coefficients and norms the fused `project_out_backward` needs).
 """
 
 from __future__ import annotations
@@ -145,11 +147,92 @@ torch.library.register_autograd(
 )
 
 
+
 def project_out(
     Q: torch.Tensor, X: torch.Tensor, passes: int = 2, normalize: bool = False
 ) -> torch.Tensor:
-    """Y = X − Q(QᵀX) applied `passes` times; columns scaled to unit norm if `normalize`.
+    """Y = X − Q(QᵀX), applied `passes` times; with `normalize`, columns scaled to unit norm.
 
-    TEMPORARY: plain-PyTorch until the fused kernel lands (same contract).
+    Args:
+        Q: (n, k) with orthonormal columns (k may be 0). Orthonormality is assumed, not checked
+            (that would cost O(n k²)).
+        X: (n, p), same dtype and device as Q.
+        passes: Gram–Schmidt passes; 1 is classical Gram–Schmidt, the default 2 (CGS2) leaves Y
+            orthogonal to span(Q) to working precision even when X is close to span(Q).
+        normalize: scale each column of Y to unit norm. A column that is zero or lies in span(Q)
+            to working precision (‖y‖ ≤ 4·eps·‖x‖, eps of the dtype) raises a RuntimeError naming
+            it, as does one whose norm is not finite; without normalize NaN/Inf propagate.
+
+    float32 and float64 only, on CPU and CUDA: every sum is accumulated in float64 and no
+    TF32/half-precision matmul is used, whatever torch's precision settings. Under autocast,
+    half inputs are computed in float32. Differentiable in Q and X (fused backward).
     """
-    return reference.project_out(Q, X, passes, normalize)
+    return _ops.project_out(Q, X, passes, normalize)
+
+
+def _check_project_out_fake_args(Q, X, passes):
+    op = "lowrank_ext.project_out"
+    torch._check(X.dim() == 2, lambda: f"{op}: argument 'X' must be 2-D (n, p), got {X.dim()}-D")
+    torch._check(Q.dim() == 2, lambda: f"{op}: argument 'Q' must be 2-D (n, k), got {Q.dim()}-D")
+    torch._check(
+        X.dtype in (torch.float32, torch.float64),
+        lambda: f"{op}: argument 'X' has dtype {X.dtype}; float32 or float64 only",
+    )
+    torch._check(
+        Q.dtype == X.dtype, lambda: f"{op}: argument 'Q' has dtype {Q.dtype} but X has {X.dtype}"
+    )
+    torch._check(
+        Q.device == X.device, lambda: f"{op}: argument 'Q' is on {Q.device} but X is on {X.device}"
+    )
+    torch._check(
+        Q.shape[0] == X.shape[0],
+        lambda: f"{op}: argument 'Q' must be ({X.shape[0]}, k), got {tuple(Q.shape)}",
+    )
+    torch._check(passes >= 1, lambda: f"{op}: argument 'passes' must be >= 1, got {passes}")
+
+
+@torch.library.register_fake("lowrank_ext::project_out_forward")
+def _project_out_forward_fake(Q, X, passes, normalize):
+    _check_project_out_fake_args(Q, X, passes)
+    n, p = X.shape
+    coeffs = X.new_empty((passes, Q.shape[1], p), dtype=torch.float64)
+    norms = X.new_empty((p,) if normalize else (0,), dtype=torch.float64)
+    return X.new_empty((n, p)), coeffs, norms
+
+
+@torch.library.register_fake("lowrank_ext::project_out_backward")
+def _project_out_backward_fake(grad_Y, Q, X, Y, coeffs, norms, passes, normalize, output_mask):
+    grad_Q = Q.new_empty(Q.shape) if output_mask[0] else Q.new_empty((0,))
+    grad_X = X.new_empty(X.shape) if output_mask[1] else X.new_empty((0,))
+    return grad_Q, grad_X
+
+
+def _project_out_setup_context(ctx, inputs, output):
+    Q, X, passes, normalize = inputs
+    Y, coeffs, norms = output
+    ctx.passes, ctx.normalize = passes, normalize
+    ctx.mark_non_differentiable(coeffs, norms)
+    ctx.save_for_backward(Q, X, Y, coeffs, norms)
+
+
+def _project_out_backward(ctx, grad_Y, _grad_coeffs, _grad_norms):
+    Q, X, Y, coeffs, norms = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): differentiate the plain-PyTorch formula.
+        wanted = [t for t, m in zip((Q, X), mask) if m]
+        with torch.enable_grad():
+            out = reference.project_out(Q, X, ctx.passes, ctx.normalize)
+            grads = iter(torch.autograd.grad(out, wanted, grad_Y, create_graph=True))
+        return tuple(next(grads) if m else None for m in mask) + (None, None)
+    grads = _ops.project_out_backward(
+        grad_Y, Q, X, Y, coeffs, norms, ctx.passes, ctx.normalize, mask
+    )
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+
+
+torch.library.register_autograd(
+    "lowrank_ext::project_out_forward",
+    _project_out_backward,
+    setup_context=_project_out_setup_context,
+)

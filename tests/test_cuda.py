@@ -95,3 +95,70 @@ def test_autocast_cuda_casts_to_the_autocast_dtype(dtype):
     assert y.dtype == dtype
     expected = reference.linear(*as_float64(*(t.to(dtype) for t in args)))
     torch.testing.assert_close(y.double(), expected, rtol=4e-2, atol=8e-2)
+
+
+# ---- project_out ---------------------------------------------------------------------------
+
+
+def _basis_and_columns(n, k, p, dtype=torch.float32):
+    q, _ = torch.linalg.qr(torch.randn(n, k + p, dtype=torch.float64))
+    X = q[:, k:] + q[:, :k] @ torch.randn(k, p, dtype=torch.float64)
+    return q[:, :k].to("cuda", dtype), X.to("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_project_out_every_output_element_is_written(dtype):
+    Q, X = _basis_and_columns(1031, 70, 3, dtype)
+    Q.requires_grad_()
+    X.requires_grad_()
+    _poison_cache()
+    Y = lowrank_ext.project_out(Q, X, normalize=True)
+    _poison_cache()
+    Y.backward(torch.randn_like(Y))
+    for tensor in (Y, Q.grad, X.grad):
+        assert torch.isfinite(tensor).all()
+
+
+def test_project_out_matches_cpu_kernel_and_is_reproducible():
+    Q, X = _basis_and_columns(5000, 300, 5, torch.float64)
+    cuda = lowrank_ext.project_out(Q, X, normalize=True)
+    assert torch.equal(lowrank_ext.project_out(Q, X, normalize=True), cuda)  # fixed sum order
+    torch.testing.assert_close(
+        cuda.cpu(), lowrank_ext.project_out(Q.cpu(), X.cpu(), normalize=True), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_project_out_ignores_tf32():
+    Q, X = _basis_and_columns(2048, 128, 2)
+    exact = lowrank_ext.project_out(Q, X, normalize=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    assert torch.equal(lowrank_ext.project_out(Q, X, normalize=True), exact)
+
+
+def test_project_out_on_a_side_stream_and_in_a_cuda_graph():
+    Q, X = _basis_and_columns(777, 33, 2)
+    expected = lowrank_ext.project_out(Q, X, normalize=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lowrank_ext.project_out(Q, X, normalize=True)  # warm-up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = lowrank_ext.project_out(Q, X, normalize=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+def test_project_out_64_bit_indexing():
+    # Q holds 2**31 + 2**20 elements: 32-bit offsets into it would wrap.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    n, k = 2**23 + 2**12, 256
+    Q = torch.zeros(n, k, device="cuda")
+    Q[-k:] = torch.eye(k, device="cuda")  # the basis lives in the last rows
+    X = torch.ones(n, 1, device="cuda")
+    Y = lowrank_ext.project_out(Q, X)
+    assert Y[:-k].eq(1).all() and Y[-k:].abs().max() == 0
