@@ -124,7 +124,10 @@ def test_project_out_matches_cpu_kernel_and_is_reproducible():
     cuda = lowrank_ext.project_out(Q, X, normalize=True)
     assert torch.equal(lowrank_ext.project_out(Q, X, normalize=True), cuda)  # fixed sum order
     torch.testing.assert_close(
-        cuda.cpu(), lowrank_ext.project_out(Q.cpu(), X.cpu(), normalize=True), rtol=1e-12, atol=1e-12
+        cuda.cpu(),
+        lowrank_ext.project_out(Q.cpu(), X.cpu(), normalize=True),
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 

@@ -44,7 +44,11 @@ def test_matches_float64_reference(device, dtype, n, k_fraction, p, passes, norm
         return  # every column is in span(Q): the refusal has its own test
     Q = orthonormal(n, k, dtype=dtype, device=device)
     # Non-contiguous X half the time: the kernels must read strides correctly.
-    X = random(p, n, dtype=dtype, device=device).T if transposed else random(n, p, dtype=dtype, device=device)
+    X = (
+        random(p, n, dtype=dtype, device=device).T
+        if transposed
+        else random(n, p, dtype=dtype, device=device)
+    )
     Y = lowrank_ext.project_out(Q, X, passes=passes, normalize=normalize)
     expected = reference.project_out(Q.double(), X.double(), passes, normalize)
     assert Y.dtype == dtype and Y.shape == (n, p)
@@ -110,7 +114,10 @@ def test_gradcheck_every_subset(device, passes, normalize):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_gradgradcheck(device, normalize):
-    args = (orthonormal(6, 2, device=device).requires_grad_(), random(6, 2, device=device).requires_grad_())
+    args = (
+        orthonormal(6, 2, device=device).requires_grad_(),
+        random(6, 2, device=device).requires_grad_(),
+    )
     assert torch.autograd.gradgradcheck(
         lambda q, x: lowrank_ext.project_out(q, x, 2, normalize), args
     )
@@ -188,7 +195,9 @@ def test_autocast_cpu_computes_in_float32():
 def test_column_in_span_refused_when_normalizing():
     Q = orthonormal(64, 8, dtype=torch.float32)
     X = torch.cat([random(64, 1, dtype=torch.float32), Q @ random(8, 1, dtype=torch.float32)], 1)
-    with pytest.raises(RuntimeError, match=r"column 1 of argument 'X' is zero or lies in span\(Q\)"):
+    with pytest.raises(
+        RuntimeError, match=r"column 1 of argument 'X' is zero or lies in span\(Q\)"
+    ):
         lowrank_ext.project_out(Q, X, normalize=True)
     # Without normalization the (tiny) residual is a valid answer.
     assert lowrank_ext.project_out(Q, X)[:, 1].norm() < 1e-5

@@ -36,6 +36,8 @@ class RowSweeper {
     chunks_ = std::min({kMaxChunks, at::divup(n, kMinRows), std::max<int64_t>(1, kPartialBudget / kp)});
     chunks_ = std::max<int64_t>(chunks_, 1);
     chunk_rows_ = at::divup(std::max<int64_t>(n, 1), chunks_);
+    // Below ~2^18 multiply-adds a sweep, waking a thread pool costs more than it saves.
+    grain_ = n * std::max<int64_t>(k, 1) * std::max<int64_t>(p, 1) < (int64_t(1) << 18) ? chunks_ : 1;
   }
 
   // out = in − Q C row by row when out is given (in == out is allowed), then gram = Qᵀ out (or
@@ -44,7 +46,7 @@ class RowSweeper {
   void sweep(const scalar_t* in, const double* C, scalar_t* out, double* gram) const {
     const int64_t kp = k_ * p_;
     std::vector<double> partial(gram != nullptr ? chunks_ * kp : 0, 0.0);
-    at::parallel_for(0, chunks_, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, chunks_, grain_, [&](int64_t c0, int64_t c1) {
       std::vector<double> row(p_);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * chunk_rows_, i1 = std::min(n_, i0 + chunk_rows_);
@@ -62,9 +64,9 @@ class RowSweeper {
   // Σ_i A[i, c] B[i, c] for every column c.
   std::vector<double> column_dots(const scalar_t* A, const scalar_t* B) const {
     std::vector<double> partial(chunks_ * p_, 0.0), dots(p_);
-    at::parallel_for(0, chunks_, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, chunks_, grain_, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double* acc = partial.data() + c * p_;
+        double* __restrict__ acc = partial.data() + c * p_;
         const int64_t i0 = c * chunk_rows_, i1 = std::min(n_, i0 + chunk_rows_);
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t j = 0; j < p_; ++j) {
@@ -80,7 +82,7 @@ class RowSweeper {
   // out[i, c] = (G[i, c] − Z[i, c] · s[c]) / norm[c]; Z may be null (then just G / norm).
   void scale_columns(const scalar_t* G, const scalar_t* Z, const double* s, const double* norm,
                      scalar_t* out) const {
-    at::parallel_for(0, n_, std::max<int64_t>(1, chunk_rows_), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n_, row_grain(), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = 0; j < p_; ++j) {
           const int64_t e = i * p_ + j;
@@ -91,18 +93,23 @@ class RowSweeper {
     });
   }
 
-  int64_t chunk_rows() const { return chunk_rows_; }
+  // Rows per at::parallel_for task of the row-independent loops.
+  int64_t row_grain() const { return grain_ == 1 ? chunk_rows_ : std::max<int64_t>(n_, 1); }
 
  private:
-  void subtract_rows(const scalar_t* in, const double* C, scalar_t* out, int64_t i0, int64_t i1,
-                     double* row) const {
+  void subtract_rows(const scalar_t* in, const double* __restrict__ C, scalar_t* out, int64_t i0,
+                     int64_t i1, double* __restrict__ row) const {
     for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* q = Q_ + i * k_;
-      std::fill(row, row + p_, 0.0);
-      for (int64_t kk = 0; kk < k_; ++kk) {
-        const double qv = static_cast<double>(q[kk]);
-        const double* c_row = C + kk * p_;
-        for (int64_t j = 0; j < p_; ++j) row[j] += qv * c_row[j];
+      const scalar_t* __restrict__ q = Q_ + i * k_;
+      if (p_ == 1) {
+        row[0] = dot(q, C);
+      } else {
+        std::fill(row, row + p_, 0.0);
+        for (int64_t kk = 0; kk < k_; ++kk) {
+          const double qv = static_cast<double>(q[kk]);
+          const double* __restrict__ c_row = C + kk * p_;
+          for (int64_t j = 0; j < p_; ++j) row[j] += qv * c_row[j];
+        }
       }
       // Read in[i, ·] in full before writing out[i, ·]: in and out may be the same matrix.
       for (int64_t j = 0; j < p_; ++j) {
@@ -111,10 +118,22 @@ class RowSweeper {
     }
   }
 
-  void gram_rows(const scalar_t* A, int64_t i0, int64_t i1, double* acc) const {
+  // Σ_kk q[kk] c[kk] with eight independent partial sums (a fixed order, and no serial chain
+  // of dependent additions through the whole row).
+  double dot(const scalar_t* __restrict__ q, const double* __restrict__ c) const {
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t kk = 0;
+    for (; kk + 8 <= k_; kk += 8) {
+      for (int u = 0; u < 8; ++u) part[u] += static_cast<double>(q[kk + u]) * c[kk + u];
+    }
+    for (; kk < k_; ++kk) part[0] += static_cast<double>(q[kk]) * c[kk];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+
+  void gram_rows(const scalar_t* A, int64_t i0, int64_t i1, double* __restrict__ acc) const {
     for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* q = Q_ + i * k_;
-      const scalar_t* a = A + i * p_;
+      const scalar_t* __restrict__ q = Q_ + i * k_;
+      const scalar_t* __restrict__ a = A + i * p_;
       if (p_ == 1) {  // the common case (one new vector): a contiguous axpy over k
         const double a0 = static_cast<double>(a[0]);
         for (int64_t kk = 0; kk < k_; ++kk) acc[kk] += static_cast<double>(q[kk]) * a0;
@@ -138,7 +157,7 @@ class RowSweeper {
 
   const scalar_t* Q_;
   int64_t n_, k_, p_;
-  int64_t chunks_ = 1, chunk_rows_ = 1;
+  int64_t chunks_ = 1, chunk_rows_ = 1, grain_ = 1;
 };
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -236,7 +255,7 @@ ProjectOutGrads project_out_backward_cpu(const at::Tensor& grad_Y, const at::Ten
     const double* ct = CT.const_data_ptr<double>();
     const double* dt = DT.const_data_ptr<double>();
     scalar_t* dq = dQ.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, rows.chunk_rows()), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, rows.row_grain(), [&](int64_t i0, int64_t i1) {
       std::vector<double> acc(k);
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(acc.begin(), acc.end(), 0.0);
