@@ -147,7 +147,6 @@ torch.library.register_autograd(
 )
 
 
-
 def project_out(
     Q: torch.Tensor, X: torch.Tensor, passes: int = 2, normalize: bool = False
 ) -> torch.Tensor:
