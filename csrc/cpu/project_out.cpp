@@ -36,8 +36,10 @@ class RowSweeper {
     chunks_ = std::min({kMaxChunks, at::divup(n, kMinRows), std::max<int64_t>(1, kPartialBudget / kp)});
     chunks_ = std::max<int64_t>(chunks_, 1);
     chunk_rows_ = at::divup(std::max<int64_t>(n, 1), chunks_);
-    // Below ~2^18 multiply-adds a sweep, waking a thread pool costs more than it saves.
-    grain_ = n * std::max<int64_t>(k, 1) * std::max<int64_t>(p, 1) < (int64_t(1) << 18) ? chunks_ : 1;
+    // Below ~2^22 multiply-adds a sweep (a few ms on one core) run single-threaded: a call
+    // makes up to six parallel regions, and on a loaded machine waking the pool for each cost
+    // far more than the work (measured: 1 MMAC/sweep took 90 ms on 2 busy threads, 2 ms on 1).
+    grain_ = n * std::max<int64_t>(k, 1) * std::max<int64_t>(p, 1) < (int64_t(1) << 22) ? chunks_ : 1;
   }
 
   // out = in − Q C row by row when out is given (in == out is allowed), then gram = Qᵀ out (or
