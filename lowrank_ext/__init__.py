@@ -5,11 +5,26 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .attention import LowRankMultiheadAttention
+from .conv import LowRankConv2d
+from .convert import convert, merge, ranks
 from .nn import LowRankLinear
 from .ops import BUILD_CONFIG, linear, project_out
 from .version import __version__
 
-__all__ = ["LowRankLinear", "__version__", "build_info", "linear", "project_out", "reference"]
+__all__ = [
+    "LowRankConv2d",
+    "LowRankLinear",
+    "LowRankMultiheadAttention",
+    "__version__",
+    "build_info",
+    "convert",
+    "linear",
+    "merge",
+    "project_out",
+    "ranks",
+    "reference",
+]
 
 
 def build_info() -> dict:
