@@ -3,6 +3,9 @@
 CUDA is built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1 (then a missing
 toolkit is an error, never a silent CPU-only build). FORCE_CUDA=0 builds CPU kernels only.
 TORCH_CUDA_ARCH_LIST defaults to sm_80, sm_86, sm_89 and sm_90 with PTX.
+LOWRANK_LOCAL_VERSION=auto appends a PEP 440 local label naming what the binary needs, e.g.
+0.1.0+cu130.torch2.14 or 0.1.0+cpu.torch2.13 (tools/build_wheel.py sets it); any other
+non-empty value is used as the label itself.
 
 Build against the torch you already have: pip install --no-build-isolation -e .
 """
@@ -57,6 +60,21 @@ def build_with_cuda() -> bool:
     return torch.version.cuda is not None and nvcc
 
 
+def local_version_label(with_cuda: bool) -> str:
+    """The wheel's local label: torch major.minor (the ABI the binary needs) and CUDA or cpu."""
+    label = os.environ.get("LOWRANK_LOCAL_VERSION", "")
+    if label == "auto":
+        torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        backend = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+        label = f"{backend}.torch{torch_minor}"
+    if label and not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", label):
+        raise RuntimeError(
+            f"LOWRANK_LOCAL_VERSION={label!r} is no PEP 440 local version label "
+            "(lowercase letters and digits separated by dots), nor 'auto'"
+        )
+    return label
+
+
 def sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
@@ -95,8 +113,10 @@ else:
     )
 write_build_config(with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
 
+label = local_version_label(with_cuda)
+
 setup(
-    version=VERSION,
+    version=f"{VERSION}+{label}" if label else VERSION,
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
 )

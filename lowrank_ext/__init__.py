@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import landscape, reference, spectral, successive
 from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .convert import convert, merge, ranks
@@ -19,11 +19,14 @@ __all__ = [
     "__version__",
     "build_info",
     "convert",
+    "landscape",
     "linear",
     "merge",
     "project_out",
     "ranks",
     "reference",
+    "spectral",
+    "successive",
 ]
 
 

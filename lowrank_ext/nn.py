@@ -10,6 +10,8 @@ from torch import nn
 from . import ops, reference
 
 _CORES = ("diag", "full")
+_FACTORS = ("U", "S", "V")
+_FROZEN = ("U_frozen", "V_frozen", "S_frozen")
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
@@ -26,6 +28,18 @@ def _check_features(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"argument '{name}' must be a positive int, got {value!r}")
     return value
+
+
+def _random_orthonormal(
+    shape: tuple[int, int],
+    frozen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random (n, k) float64 matrix with orthonormal columns, orthogonal to `frozen`'s columns."""
+    X = torch.randn(shape, dtype=torch.float64, generator=generator)
+    if frozen is not None and shape[1]:
+        X = ops.project_out(frozen.detach().double(), X)
+    return torch.linalg.qr(X)[0]
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -54,6 +68,13 @@ class LowRankLinear(nn.Module):
 
     The state_dict records the rank: loading a checkpoint saved at another rank resizes U, S and
     V to the saved rank (re-create optimizers afterwards: they hold the old parameters).
+
+    Successive refinement (`grow`, `freeze`) splits the components in two. The frozen ones live
+    in the buffers U_frozen (out, f), V_frozen (in, f) with orthonormal columns, and S_frozen (f,)
+    when their scales are frozen too. The active ones are the parameters U (out, a), V (in, a),
+    whose columns are used projected onto the orthogonal complement of the frozen ones and
+    normalized (`lowrank_ext.ops.project_out`), so no optimizer step can leave that complement;
+    S holds the trainable scales. A layer never grown has no frozen part and no projection cost.
     """
 
     def __init__(
@@ -79,36 +100,178 @@ class LowRankLinear(nn.Module):
         self.S = nn.Parameter(torch.empty(self._core_shape(rank), **factory))
         self.V = nn.Parameter(torch.empty(in_features, rank, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # The frozen part of successive refinement: absent (None) until the first grow/freeze.
+        for name in _FROZEN:
+            self.register_buffer(name, None)
         self.reset_parameters()
 
     def _core_shape(self, rank: int) -> tuple[int, ...]:
         return (rank,) if self.core == "diag" else (rank, rank)
 
     @property
+    def frozen_rank(self) -> int:
+        """f: the number of frozen components (0 for a layer never grown)."""
+        return 0 if self.U_frozen is None else self.U_frozen.shape[1]
+
+    @property
+    def active_rank(self) -> int:
+        """a: the number of components whose u, v are trained."""
+        return 0 if self.U is None else self.U.shape[1]
+
+    @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        """r = f + a, the rank of W."""
+        return self.frozen_rank + self.active_rank
 
     def reset_parameters(self) -> None:
+        """Re-draw the trainable factors; frozen components (if any) are kept.
+
+        U and V get random orthonormal columns (orthogonal to the frozen ones), every trainable
+        scale √(out / (3r)) so that a fresh layer has ‖W‖_F² = out/3 like nn.Linear, and the bias
+        nn.Linear's init.
+        """
         with torch.no_grad():
-            for factor in (self.U, self.V):
-                q, _ = torch.linalg.qr(torch.randn(factor.shape, dtype=torch.float64))
-                factor.copy_(q)
-            scale = math.sqrt(self.out_features / (3 * self.rank))
-            if self.core == "diag":
-                self.S.fill_(scale)
-            else:
-                self.S.copy_(scale * torch.eye(self.rank))
+            for factor, frozen in ((self.U, self.U_frozen), (self.V, self.V_frozen)):
+                if factor is not None:
+                    factor.copy_(_random_orthonormal(factor.shape, frozen))
+            if self.S is not None:
+                scale = math.sqrt(self.out_features / (3 * self.rank))
+                if self.core == "diag":
+                    self.S.fill_(scale)
+                else:
+                    self.S.copy_(scale * torch.eye(self.rank))
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The effective (U, S, V) of all r components, frozen ones first, as forward uses them.
+
+        For a layer never grown these are the parameters themselves. Otherwise each active column
+        is projected out of the span of the frozen ones and normalized; with a > 1 the active
+        columns are not orthogonalized against each other (freezing them does that).
+        """
+        if self.U_frozen is None:
+            return self.U, self.S, self.V
+        U, V = self.U_frozen, self.V_frozen
+        if self.U is not None:
+            U = torch.cat([U, ops.project_out(self.U_frozen, self.U, normalize=True)], dim=1)
+            V = torch.cat([V, ops.project_out(self.V_frozen, self.V, normalize=True)], dim=1)
+        scales = [t for t in (self.S_frozen, self.S) if t is not None]
+        S = scales[0] if len(scales) == 1 else torch.cat(scales)
+        return U, S, V
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.U, self.S, self.V, self.bias)
+        U, S, V = self.factors()
+        return ops.linear(x, U, S, V, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out, in) W = U S Vᵀ, built on demand; forward never uses it."""
-        return reference.dense_weight(self.U, self.S, self.V)
+        return reference.dense_weight(*self.factors())
+
+    def grow(
+        self,
+        k: int = 1,
+        *,
+        freeze_scales: bool = False,
+        scale_init: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Freeze every current component and add k new ones in their orthogonal complement.
+
+        The active components are first rotated to the SVD of their own block (W unchanged), so
+        U_frozen and V_frozen stay orthonormal and the frozen scales are its singular values. The
+        k new u, v start as random orthonormal columns orthogonal to all frozen ones, with scales
+        `scale_init`: the default 0 keeps W, and so the loss, unchanged at the moment of growth;
+        a nonzero value perturbs it (the loss spike seen in the poster). The new u, v get their
+        first gradient once their scale has moved off 0, one optimizer step later.
+
+        Args:
+            k: components to add, rank + k ≤ min(in_features, out_features).
+            freeze_scales: also freeze the scales of all frozen components (only the k new
+                scales train); False (default) keeps every scale trainable.
+            scale_init: the initial scale of the new components.
+            generator: random source for the new directions.
+
+        Replaces the parameters U, V and S with new tensors (the bias is kept): tell optimizers,
+        e.g. with `lowrank_ext.successive.update_optimizer`. Only core="diag" layers grow: one
+        singular pair (u, σ, v) is learned at a time. On error the layer is left unchanged.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"argument 'k' must be a positive int, got {k!r}")
+        limit = min(self.in_features, self.out_features)
+        if self.rank + k > limit:
+            raise ValueError(
+                f"argument 'k': growing rank {self.rank} by {k} would pass "
+                f"min(in_features, out_features) = {limit}"
+            )
+        if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)):
+            raise TypeError(f"argument 'scale_init' must be a real number, got {scale_init!r}")
+        if not math.isfinite(scale_init):
+            raise ValueError(f"argument 'scale_init' must be finite, got {scale_init!r}")
+        self._refine(k, freeze_scales, scale_init, generator)
+
+    def freeze(self, *, freeze_scales: bool = False) -> None:
+        """Freeze every current component without adding new ones (for a layer at full rank).
+
+        As `grow`, but afterwards nothing but the scales (unless `freeze_scales`) and the bias
+        trains: the layer's u, v parameter groups drop out.
+        """
+        self._refine(0, freeze_scales, 0.0, None)
+
+    def _refine(self, k, freeze_scales, scale_init, generator) -> None:
+        if self.core != "diag":
+            raise RuntimeError(
+                "grow/freeze need core='diag' (one scale per singular pair); this layer has "
+                f"core={self.core!r}"
+            )
+        if not isinstance(freeze_scales, bool):
+            raise TypeError(f"argument 'freeze_scales' must be a bool, got {freeze_scales!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}"
+            )
+        # Everything new is built first, then swapped in, so an error leaves the layer as it was.
+        with torch.no_grad():
+            U, S, V = self._frozen_svd()
+            new_U = _random_orthonormal((self.out_features, k), U, generator)
+            new_V = _random_orthonormal((self.in_features, k), V, generator)
+            S = torch.cat([S, S.new_full((k,), scale_init)])
+        like = self.U_frozen if self.U is None else self.U
+        to = {"dtype": like.dtype, "device": like.device}
+        frozen = U.shape[1]
+        trainable_scales = S[frozen:] if freeze_scales else S
+        new = {
+            "U_frozen": U.to(**to),
+            "V_frozen": V.to(**to),
+            "S_frozen": S[:frozen].to(**to) if freeze_scales else None,
+            "U": nn.Parameter(new_U.to(**to)) if k else None,
+            "V": nn.Parameter(new_V.to(**to)) if k else None,
+            "S": nn.Parameter(trainable_scales.to(**to)) if trainable_scales.numel() else None,
+        }
+        for name, tensor in new.items():
+            setattr(self, name, tensor)
+
+    def _frozen_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All r components in float64 with the active block rotated to its SVD (W unchanged).
+
+        Active block: U_a diag(s) V_aᵀ = Q_u (R_u diag(s) R_vᵀ) Q_vᵀ = (Q_u P) Σ (Q_v R)ᵀ with
+        P Σ Rᵀ the SVD of the small a×a middle; Q_u, Q_v lie in the span of the active columns,
+        already orthogonal to the frozen ones.
+        """
+        U, S, V = (t.detach().double() for t in self.factors())
+        f = self.frozen_rank
+        if f == self.rank:
+            return U, S, V
+        Q_u, R_u = torch.linalg.qr(U[:, f:])
+        Q_v, R_v = torch.linalg.qr(V[:, f:])
+        P, sigma, R_h = torch.linalg.svd((R_u * S[f:]) @ R_v.T)
+        return (
+            torch.cat([U[:, :f], Q_u @ P], dim=1),
+            torch.cat([S[:f], sigma]),
+            torch.cat([V[:, :f], Q_v @ R_h.T], dim=1),
+        )
 
     @classmethod
     def from_linear(
@@ -153,27 +316,32 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A dense nn.Linear with the same function."""
+        weight = self.weight.detach()  # U may be None (a layer frozen at full rank)
         linear = nn.Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.U.device,
-            dtype=self.U.dtype,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
-            linear.weight.copy_(self.weight)
+            linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
     def extra_repr(self) -> str:
+        frozen = f", frozen={self.frozen_rank}" if self.frozen_rank else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, core={self.core!r}, bias={self.bias is not None}"
+            f"rank={self.rank}, core={self.core!r}, bias={self.bias is not None}{frozen}"
         )
 
     def get_extra_state(self) -> dict:
-        return {"rank": self.rank, "core": self.core}
+        state = {"rank": self.rank, "core": self.core}
+        if self.frozen_rank:
+            state.update(frozen=self.frozen_rank, frozen_scales=self.S_frozen is not None)
+        return state
 
     def set_extra_state(self, state) -> None:
         pass  # read (and validated) in _load_from_state_dict, before the parameters are copied
@@ -181,7 +349,7 @@ class LowRankLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        problem = self._adopt_saved_rank(state_dict, prefix)
+        problem = self._adopt_saved_layout(state_dict, prefix)
         if problem:
             error_msgs.append(problem)
             return
@@ -189,45 +357,103 @@ class LowRankLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _adopt_saved_rank(self, state_dict, prefix) -> str | None:
-        """Resize U, S, V to the checkpoint's rank; return a message if the checkpoint can't fit."""
-        saved = {name: state_dict.get(prefix + name) for name in ("U", "S", "V")}
-        if any(t is None for t in saved.values()):
-            return None  # missing keys are reported by the default loader
-        for name, tensor in saved.items():
-            if not torch.is_tensor(tensor):
-                return f"{prefix}{name}: checkpoint holds a {type(tensor).__name__}, not a tensor"
+    def _adopt_saved_layout(self, state_dict, prefix) -> str | None:
+        """Resize U, S, V (and the frozen part) to the checkpoint's; a message if it can't fit."""
         extra = state_dict.get(prefix + "_extra_state", {})
         if not isinstance(extra, dict):
             return f"{prefix}_extra_state: expected a dict with 'rank' and 'core', got {extra!r}"
+        saved = {name: state_dict.get(prefix + name) for name in _FACTORS + _FROZEN}
+        grown = "frozen" in extra
+        if not grown and any(saved[name] is None for name in _FACTORS):
+            return None  # missing keys are reported by the default loader
+        for name, tensor in saved.items():
+            if tensor is not None and not torch.is_tensor(tensor):
+                return f"{prefix}{name}: checkpoint holds a {type(tensor).__name__}, not a tensor"
         if extra.get("core", self.core) != self.core:
             return (
                 f"{prefix}S: checkpoint has core={extra['core']!r} but the module has "
                 f"core={self.core!r}"
             )
-        rank = saved["U"].shape[1] if saved["U"].dim() == 2 else -1
-        if extra.get("rank", rank) != rank:
-            return (
-                f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "
-                f"{tuple(saved['U'].shape)}"
-            )
-        expected = {
-            "U": (self.out_features, rank),
-            "S": self._core_shape(rank),
-            "V": (self.in_features, rank),
-        }
-        for name, tensor in saved.items():
-            if tuple(tensor.shape) != expected[name] or not 1 <= rank <= min(
-                self.in_features, self.out_features
-            ):
+        if grown:
+            expected = self._grown_layout(extra, prefix)
+        else:
+            expected = self._plain_layout(extra, saved["U"], prefix)
+        if isinstance(expected, str):
+            return expected
+        for name, shape in expected.items():
+            tensor = saved[name]
+            if shape is None:
+                continue
+            if tensor is None:
+                return f"{prefix}{name}: missing from the checkpoint of a grown layer ({extra!r})"
+            if tuple(tensor.shape) != shape:
+                current = getattr(self, name)
+                current = "absent" if current is None else tuple(current.shape)
                 return (
                     f"size mismatch for {prefix}{name}: copying a param with shape "
                     f"{tuple(tensor.shape)} from checkpoint, the shape in current model is "
-                    f"{tuple(getattr(self, name).shape)}; a LowRankLinear({self.in_features}, "
-                    f"{self.out_features}) accepts {name} of shape {expected[name]} at any rank"
+                    f"{current}; a {type(self).__name__}({self.in_features}, {self.out_features}) "
+                    f"accepts {name} of shape {shape} at this rank"
                 )
-        if rank != self.rank:
-            for name in ("U", "S", "V"):
-                old = getattr(self, name)
-                setattr(self, name, nn.Parameter(old.new_empty(expected[name]), old.requires_grad))
+        like = self.U if self.U is not None else self.U_frozen
+        for name, shape in expected.items():
+            current = getattr(self, name)
+            if shape is None:
+                setattr(self, name, None)
+            elif current is None or tuple(current.shape) != shape:
+                empty = like.new_empty(shape)
+                if name in _FACTORS:
+                    trainable = True if current is None else current.requires_grad
+                    empty = nn.Parameter(empty, trainable)
+                setattr(self, name, empty)
         return None
+
+    def _plain_layout(self, extra: dict, U: torch.Tensor, prefix: str) -> dict | str:
+        """Shapes of a checkpoint without frozen components (its rank read from U)."""
+        rank = U.shape[1] if U.dim() == 2 else -1
+        if extra.get("rank", rank) != rank:
+            return (
+                f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "
+                f"{tuple(U.shape)}"
+            )
+        limit = min(self.in_features, self.out_features)
+        if not 1 <= rank <= limit:
+            return (
+                f"size mismatch for {prefix}U: copying a param with shape {tuple(U.shape)} from "
+                f"checkpoint; a {type(self).__name__}({self.in_features}, {self.out_features}) "
+                "accepts "
+                f"U of shape ({self.out_features}, r) with r in [1, {limit}]"
+            )
+        return {
+            "U": (self.out_features, rank),
+            "S": self._core_shape(rank),
+            "V": (self.in_features, rank),
+            **dict.fromkeys(_FROZEN),
+        }
+
+    def _grown_layout(self, extra: dict, prefix: str) -> dict | str:
+        """Shapes of a grown layer's checkpoint; None for a tensor it does not hold."""
+        rank, frozen = extra.get("rank"), extra.get("frozen")
+        frozen_scales = extra.get("frozen_scales")
+        limit = min(self.in_features, self.out_features)
+        counts = (rank, frozen)
+        if (
+            self.core != "diag"
+            or any(isinstance(n, bool) or not isinstance(n, int) for n in counts)
+            or not 1 <= frozen <= rank <= limit
+            or not isinstance(frozen_scales, bool)
+        ):
+            return (
+                f"{prefix}_extra_state: a grown layer records core 'diag', ints "
+                f"1 <= frozen <= rank <= {limit} and a bool frozen_scales, got {extra!r}"
+            )
+        active = rank - frozen
+        scales = active if frozen_scales else rank
+        return {
+            "U": (self.out_features, active) if active else None,
+            "S": (scales,) if scales else None,
+            "V": (self.in_features, active) if active else None,
+            "U_frozen": (self.out_features, frozen),
+            "V_frozen": (self.in_features, frozen),
+            "S_frozen": (frozen,) if frozen_scales else None,
+        }

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,34 @@ def test_console_script_runs():
         pytest.fail(f"console script {script} is not installed; reinstall the package")
     result = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["version"] == lowrank_ext.__version__
+
+
+def _fake_build_config(monkeypatch, **fields):
+    config = types.SimpleNamespace(
+        TORCH_VERSION=torch.__version__, CUDA_VERSION=None, WITH_CUDA=False, CUDA_ARCHS=""
+    )
+    vars(config).update(fields)
+    real_import = _extension.importlib.import_module
+    monkeypatch.setattr(
+        _extension.importlib,
+        "import_module",
+        lambda name: config if name == "lowrank_ext._build_config" else real_import(name),
+    )
+
+
+def test_cuda_build_on_cpu_only_torch_is_refused(monkeypatch):
+    _fake_build_config(monkeypatch, WITH_CUDA=True, CUDA_VERSION="13.0")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(
+        ImportError, match=r"CUDA 13.0 kernels but torch .* is a CPU-only build; .*\+cpu\.torch"
+    ):
+        _extension.load()
+
+
+def test_cuda_major_mismatch_is_refused(monkeypatch):
+    _fake_build_config(monkeypatch, WITH_CUDA=True, CUDA_VERSION="13.0")
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    with pytest.raises(
+        ImportError, match=r"built with CUDA 13.0 but torch .* uses CUDA 12.6; .*\+cu126\.torch"
+    ):
+        _extension.load()
