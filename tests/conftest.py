@@ -40,3 +40,13 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.fixture
+def one_thread():
+    # For suites of tiny problems: thread-pool wake-ups cost more than the work, and on a
+    # shared 2-core machine far more.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

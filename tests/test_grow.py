@@ -9,13 +9,7 @@ from lowrank_ext import LowRankLinear, ops, reference
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: on a shared 2-core machine thread-pool wake-ups cost more than the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_layer(in_features=12, out_features=9, rank=3, **kwargs):
