@@ -9,6 +9,7 @@ from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .convert import convert, merge, ranks
 from .nn import LowRankLinear
+from .oialr import OIALR
 from .ops import BUILD_CONFIG, linear, project_out
 from .version import __version__
 
@@ -16,6 +17,7 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankMultiheadAttention",
+    "OIALR",
     "__version__",
     "build_info",
     "convert",

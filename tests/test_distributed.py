@@ -6,14 +6,11 @@ training on the whole global batch (DDP and FSDP average gradients, so the two m
 float64 rounding). A run that hangs is killed after TIMEOUT_S and fails the test.
 """
 
-import time
-from datetime import timedelta
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_processes import run_processes
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -120,34 +117,8 @@ def _ddp_checkpoint(rank: int, out: Path) -> dict:
 SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "ddp_checkpoint": _ddp_checkpoint}
 
 
-def _worker(rank: int, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)  # two processes share the machine's cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out}/rendezvous",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        result = SCENARIOS[scenario](rank, Path(out))
-        result["params"] = {k: v.detach().clone() for k, v in result["params"].items()}
-        torch.save(result, Path(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(scenario: str, tmp_path: Path) -> list[dict]:
-    context = mp.start_processes(
-        _worker, args=(scenario, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=2):  # raises if a worker raised, with its traceback
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{scenario}: the {WORLD} processes did not finish in {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_processes(SCENARIOS[scenario], WORLD, tmp_path, TIMEOUT_S)
 
 
 def _single_process(steps: int = STEPS) -> dict:

@@ -1,0 +1,699 @@
+"""OIALR: orthogonality-informed adaptive low-rank training (Coquelin et al., arXiv:2401.08505).
+
+The model trains dense for `delay` optimizer steps. Then every eligible layer becomes U S Vᵀ at
+full rank (the same function), with S an r×r trainable core and U, V frozen; only S and the
+biases train. Every `frequency` steps after that, the SVD S = P Σ Qᵀ (in float32, or float64
+for float64 cores; never in a half precision, autocast or not) rotates the bases
+(U ← U P, V ← V Q, S ← Σ: W unchanged, S diagonal) and the components with σ < cutoff·σ_max
+are dropped (Eckart–Young: the best approximation of that rank), at most a fraction `max_drop`
+of a layer's rank per update and never below `min_rank`.
+
+Unlike the paper's reference code, which rebuilds the dense W every forward, the layers here
+run factored (`lowrank_ext.ops.linear`, two convolutions for LowRankConv2d), so a training step
+costs O((in + out)·r) per sample.
+
+The optimizer's state follows every change of parametrization (`state_mode`):
+- "rotate": moments are carried into the new coordinates. A state that is linear in the
+  gradient (SGD momentum, Adam's exp_avg, ...) transforms as S does, M ← Pᵀ M Q (at conversion
+  M ← Uᵀ M V), which is exact: a pure rotation followed by a step equals the step in the old
+  coordinates. A state of squared gradients (Adam's exp_avg_sq, ...) is elementwise and has no
+  exact image; it becomes the diagonal of the rotated covariance under independent entries,
+  v ← (P∘P)ᵀ v (Q∘Q), exact when the rotation is a signed permutation (the case once S is
+  diagonal).
+- "slice": the reference's choice: state entries are cut to the kept leading block, unrotated;
+  at conversion the new cores start with fresh state.
+- "reset": every changed parameter starts with fresh state (Adam restarts its bias correction).
+
+Distributed: with torch.distributed initialized (world size > 1), rank decisions and the new
+factors and moments are broadcast from process 0, so all processes stay bitwise equal. A change
+of parameter shapes needs a new DistributedDataParallel wrapper; `step()` returns True then.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .attention import LowRankMultiheadAttention
+from .conv import LowRankConv2d
+from .convert import (
+    ALL_LINEAR,
+    _attention_internals,
+    _check_convertible,
+    _match,
+    _targets,
+    convert,
+)
+from .nn import LowRankLinear
+
+__all__ = ["OIALR"]
+
+STATE_MODES = ("rotate", "slice", "reset")
+# Optimizer state entries that transform like the parameter (linear in the gradient) ...
+_LINEAR_STATES = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "ax", "prev"})
+# ... and those that accumulate squares of the gradient elementwise.
+_SQUARED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
+_FACTORED = (LowRankLinear, LowRankConv2d)
+_STATE_VERSION = 1
+
+
+class OIALR:
+    """Adaptive low-rank training of `model`, driven by `step()` after each optimizer step.
+
+    Args:
+        model: the model (a DistributedDataParallel or torch.compile wrapper is unwrapped); its
+            eligible modules are replaced in place at conversion.
+        optimizer: the optimizer over the model's parameters; its param groups and state are
+            updated in place at conversion and at every rank change.
+        delay: optimizer steps of dense training before conversion (0: convert now).
+        frequency: optimizer steps between basis updates after conversion.
+        cutoff: drop singular values below cutoff·σ_max of each layer's S, in [0, 1).
+        max_drop: at most this fraction of a layer's rank is dropped per update, in [0, 1].
+        min_rank: no layer is truncated below this rank.
+        keep_last_dense: leave the output layer dense (see `lowrank_ext.convert`); only with
+            target_modules None.
+        target_modules, exclude_modules: which modules to convert, as `lowrank_ext.convert`
+            takes them (None: every nn.Linear, nn.Conv2d with groups=1 and
+            nn.MultiheadAttention). Low-rank modules with core="full" already in the model and
+            selected by these are adopted as they are.
+        state_mode: "rotate", "slice" or "reset" (see the module doc).
+        process_group: the group to broadcast decisions in (default: the default group when
+            torch.distributed is initialized).
+
+    Usage: `loss.backward(); optimizer.step(); oialr.step()`. Checkpoint `oialr.state_dict()`
+    with the model's and optimizer's; to resume, build the dense model, optimizer and OIALR as
+    before, then `oialr.load_state_dict(...)` first (it converts and resizes the model to the
+    saved ranks), then `model.load_state_dict(...)` and `optimizer.load_state_dict(...)`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        delay: int,
+        frequency: int,
+        cutoff: float = 0.1,
+        *,
+        max_drop: float = 0.5,
+        min_rank: int = 1,
+        keep_last_dense: bool = True,
+        target_modules: str | Iterable[str] | None = None,
+        exclude_modules: str | Iterable[str] | None = None,
+        state_mode: str = "rotate",
+        process_group=None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"argument 'optimizer' must be a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}"
+            )
+        self.model = _unwrap(model)
+        self.optimizer = optimizer
+        self.delay = _count("delay", delay, minimum=0)
+        self.frequency = _count("frequency", frequency, minimum=1)
+        self.cutoff = _fraction("cutoff", cutoff, upper_open=True)
+        self.max_drop = _fraction("max_drop", max_drop, upper_open=False)
+        self.min_rank = _count("min_rank", min_rank, minimum=1)
+        if not isinstance(keep_last_dense, bool):
+            raise TypeError(f"argument 'keep_last_dense' must be a bool, got {keep_last_dense!r}")
+        if not keep_last_dense and target_modules is not None:
+            raise ValueError(
+                "argument 'keep_last_dense': False only applies with target_modules=None (a "
+                "given target_modules already says whether the output layer is converted)"
+            )
+        self.keep_last_dense = keep_last_dense
+        if state_mode not in STATE_MODES:
+            raise ValueError(
+                f"argument 'state_mode' must be one of {STATE_MODES}, got {state_mode!r}"
+            )
+        self.state_mode = state_mode
+        self.process_group = process_group
+        self.steps = 0
+        self.converted = False
+        self.history: list[dict] = []
+        self._to_convert, self._to_adopt = _selection(
+            self.model, target_modules, exclude_modules, keep_last_dense
+        )
+        if not self._to_convert and not self._to_adopt:
+            raise ValueError(
+                f"OIALR finds no module to train in {type(self.model).__name__}: "
+                f"target_modules={target_modules!r}, exclude_modules={exclude_modules!r}"
+            )
+        self._managed: dict[str, nn.Module] = {}
+        if self.delay == 0:
+            self._convert()
+
+    # ---------------------------------------------------------------- the training-loop hook
+
+    def step(self) -> bool:
+        """Count one optimizer step; convert or update when due. True if parameter shapes changed.
+
+        A True return means the model's parameters were replaced or resized: rebuild a
+        DistributedDataParallel wrapper (the optimizer is already updated).
+        """
+        steps = self.steps + 1
+        if not self.converted:
+            if steps < self.delay:
+                self.steps = steps
+                return False
+            self.steps = steps  # recorded in the history by the conversion
+            try:
+                self._convert()
+            except BaseException:
+                self.steps -= 1
+                raise
+            return True
+        if (steps - self.delay) % self.frequency:
+            self.steps = steps
+            return False
+        changed = self._update(steps)
+        self.steps = steps
+        return changed
+
+    def ranks(self) -> dict[str, int]:
+        """{name: rank} of every layer OIALR trains ({} before conversion)."""
+        return {name: module.rank for name, module in self._managed.items()}
+
+    # ---------------------------------------------------------------- conversion
+
+    def _convert(self, carry_state: bool = True) -> None:
+        modules = dict(self.model.named_modules())
+        missing = [name for name in self._to_convert + self._to_adopt if name not in modules]
+        if missing:
+            raise RuntimeError(
+                f"OIALR: the model no longer has the modules {missing} it selected at construction"
+            )
+        dense = {name: modules[name] for name in self._to_convert}
+        if carry_state:
+            _check_state_names(self.optimizer, self.state_mode, _dense_weights(dense.values()))
+        if dense:
+            exact = "|".join(re.escape(name) for name in dense)
+            convert(self.model, target_modules=f"(?:{exact})", core="full")
+        transfers = []
+        for name, old in dense.items():
+            transfers += _share_and_map(old, self.model.get_submodule(name))
+        for old_param, new_params in transfers:
+            _replace_in_optimizer(
+                self.optimizer, old_param, new_params, self.state_mode, carry_state
+            )
+        managed = {}
+        for name in self._to_convert + self._to_adopt:
+            module = self.model.get_submodule(name)
+            for child_name, child in _factored_layers(name, module):
+                child.U.requires_grad_(False)
+                child.V.requires_grad_(False)
+                _drop_from_optimizer(self.optimizer, (child.U, child.V))
+                managed[child_name] = child
+        self._managed = managed
+        self.converted = True
+        self._broadcast_layers()
+        self.history.append({"step": self.steps, "ranks": self.ranks()})
+
+    # ---------------------------------------------------------------- basis update and pruning
+
+    @torch.no_grad()
+    def _update(self, steps: int) -> bool:
+        """Rotate every layer into the SVD of its S and truncate; True if any rank dropped.
+
+        Everything that can fail is checked before the first layer changes.
+        """
+        plans = {}
+        for name, layer in self._managed.items():
+            if not torch.isfinite(layer.S).all():
+                raise RuntimeError(
+                    f"OIALR.step: the core S of {name!r} holds NaN or inf (the training "
+                    "diverged); nothing was changed"
+                )
+            with torch.autocast(layer.S.device.type, enabled=False):
+                # float32 at least (also under bf16 autocast or for bf16 cores)
+                precision = torch.promote_types(layer.S.dtype, torch.float32)
+                P, sigma, Qh = torch.linalg.svd(layer.S.detach().to(precision))
+            plans[name] = (P, sigma, Qh.mT, self._kept(sigma))
+        kept = self._agree_on([plan[3] for plan in plans.values()])
+        _check_state_names(
+            self.optimizer, self.state_mode, [layer.S for layer in self._managed.values()]
+        )
+        changed = False
+        for (name, layer), k in zip(self._managed.items(), kept):
+            P, sigma, Q, _ = plans[name]
+            changed |= k < sigma.numel()
+            self._rotate(layer, P[:, :k], sigma[:k], Q[:, :k])
+        self._broadcast_layers()
+        self.history.append({"step": steps, "ranks": self.ranks()})
+        return changed
+
+    def _kept(self, sigma: torch.Tensor) -> int:
+        rank = sigma.numel()
+        above = int((sigma >= self.cutoff * sigma[0]).sum()) if rank else 0
+        floor = max(rank - int(self.max_drop * rank), min(self.min_rank, rank))
+        return max(above, floor)
+
+    def _rotate(self, layer, P: torch.Tensor, sigma: torch.Tensor, Q: torch.Tensor) -> None:
+        """U ← U P, V ← V Q, S ← diag(σ) (products in float64), and S's optimizer state.
+
+        Same rank: written in place, so the parameters (and a DDP wrapper) stay. Lower rank:
+        new Parameters, put where the old ones were in the optimizer; a grad accumulator that
+        autograd cached for the old shapes would reject the new ones.
+        """
+        old = layer.S
+        factors = {
+            "U": _times(layer.U, P),
+            "S": torch.diag(sigma.double()).to(old.dtype),
+            "V": _times(layer.V, Q),
+        }
+        if factors["S"].shape == old.shape:
+            for name, value in factors.items():
+                getattr(layer, name).copy_(value)
+            old.grad = None
+            new = old
+        else:
+            for name, value in factors.items():
+                trainable = getattr(layer, name).requires_grad
+                setattr(layer, name, nn.Parameter(value, requires_grad=trainable))
+            new = layer.S
+            _swap_in_optimizer(self.optimizer, old, new)
+        state = self.optimizer.state.pop(old, None)
+        if not state or self.state_mode == "reset":
+            return
+        k = sigma.numel()
+        for key, value in state.items():
+            if not (torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0):
+                continue
+            if self.state_mode == "slice":
+                state[key] = value[:k, :k].clone()
+            elif key in _LINEAR_STATES:
+                state[key] = _sandwich(P, value, Q)
+            else:
+                state[key] = _sandwich(P * P, value, Q * Q)
+        self.optimizer.state[new] = state
+
+    # ---------------------------------------------------------------- distributed agreement
+
+    def _distributed(self) -> bool:
+        return (
+            dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _agree_on(self, kept: list[int]) -> list[int]:
+        """Process 0's truncation ranks, everywhere."""
+        if not self._distributed() or not kept:
+            return kept
+        device = next(iter(self._managed.values())).S.device
+        counts = torch.tensor(kept, dtype=torch.int64, device=device)
+        dist.broadcast(counts, _source(self.process_group), group=self.process_group)
+        return counts.tolist()
+
+    def _broadcast_layers(self) -> None:
+        """Process 0's factors and the state of their cores, everywhere (SVDs may differ in the
+        last bit between processes)."""
+        if not self._distributed():
+            return
+        source = _source(self.process_group)
+        for layer in self._managed.values():
+            tensors = [layer.U, layer.S, layer.V]
+            state = self.optimizer.state.get(layer.S, {})
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+            for tensor in tensors:
+                dist.broadcast(tensor.data, source, group=self.process_group)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Counters, ranks, settings and history; plain Python objects (safe to torch.save)."""
+        return {
+            "version": _STATE_VERSION,
+            "steps": self.steps,
+            "converted": self.converted,
+            "ranks": self.ranks(),
+            "config": self._config(),
+            "history": [dict(entry, ranks=dict(entry["ranks"])) for entry in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take a saved state: convert the model and resize its layers to the saved ranks.
+
+        Call it before model.load_state_dict and optimizer.load_state_dict. Raises ValueError,
+        leaving everything as it was, when the checkpoint is malformed, was made with other
+        settings, or names layers this model does not have.
+        """
+        steps, converted, ranks, history = self._check_state(state)
+        if self.converted and not converted:
+            raise ValueError(
+                "OIALR.load_state_dict: the checkpoint is from dense training (before "
+                "conversion) but this OIALR has converted the model already; load it into a "
+                "freshly built dense model"
+            )
+        if converted:
+            self._check_saved_ranks(ranks)
+            if not self.converted:
+                self._convert(carry_state=False)
+            for name, rank in ranks.items():
+                layer = self._managed[name]
+                if layer.rank != rank:
+                    self._resize(layer, rank)
+        self.steps = steps
+        self.history = history
+
+    def _config(self) -> dict:
+        return {
+            "delay": self.delay,
+            "frequency": self.frequency,
+            "cutoff": self.cutoff,
+            "max_drop": self.max_drop,
+            "min_rank": self.min_rank,
+            "state_mode": self.state_mode,
+            "to_convert": list(self._to_convert),
+            "to_adopt": list(self._to_adopt),
+        }
+
+    def _check_state(self, state) -> tuple[int, bool, dict, list]:
+        if not isinstance(state, dict):
+            raise ValueError(f"OIALR.load_state_dict: expected a dict, got {type(state).__name__}")
+        expected = {"version", "steps", "converted", "ranks", "config", "history"}
+        if set(state) != expected:
+            raise ValueError(
+                f"OIALR.load_state_dict: keys {sorted(state)} are not an OIALR state "
+                f"({sorted(expected)})"
+            )
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"OIALR.load_state_dict: state version {state['version']!r}, this release reads "
+                f"{_STATE_VERSION}"
+            )
+        steps, converted = state["steps"], state["converted"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"OIALR.load_state_dict: 'steps' must be an int >= 0, got {steps!r}")
+        if not isinstance(converted, bool) or converted != (steps >= self.delay):
+            raise ValueError(
+                f"OIALR.load_state_dict: 'converted'={converted!r} disagrees with steps={steps} "
+                f"and delay={self.delay}"
+            )
+        config = state["config"]
+        if not isinstance(config, dict) or config != self._config():
+            mine = self._config()
+            differing = (
+                sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
+                if isinstance(config, dict)
+                else "all"
+            )
+            raise ValueError(
+                f"OIALR.load_state_dict: the checkpoint was made with other settings "
+                f"({differing}): saved {config!r}, this OIALR has {mine!r}"
+            )
+        ranks, history = state["ranks"], state["history"]
+        if not isinstance(ranks, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in ranks.items()
+        ):
+            raise ValueError(
+                f"OIALR.load_state_dict: 'ranks' must map names to ints, got {ranks!r}"
+            )
+        if converted != bool(ranks):
+            raise ValueError(
+                f"OIALR.load_state_dict: 'ranks' {'missing' if converted else 'present'} in a "
+                f"state with converted={converted}"
+            )
+        if not isinstance(history, list) or not all(
+            isinstance(e, dict) and set(e) == {"step", "ranks"} for e in history
+        ):
+            raise ValueError("OIALR.load_state_dict: 'history' must be a list of {step, ranks}")
+        return steps, converted, dict(ranks), [dict(e, ranks=dict(e["ranks"])) for e in history]
+
+    def _layer_limits(self) -> dict[str, int]:
+        """{name: full rank} of the layers OIALR trains, or will train once it converts."""
+        if self.converted:
+            return {n: min(m.in_features, m.out_features) for n, m in self._managed.items()}
+        limits = {}
+        for name in self._to_convert:
+            for suffix, weight in _dense_factorizations(self.model.get_submodule(name)).items():
+                limits[name + suffix] = min(weight.shape[0], weight[0].numel())
+        for name in self._to_adopt:
+            for child_name, child in _factored_layers(name, self.model.get_submodule(name)):
+                limits[child_name] = min(child.in_features, child.out_features)
+        return limits
+
+    def _check_saved_ranks(self, ranks: dict) -> None:
+        """Before changing anything: the saved names and ranks fit this model's layers."""
+        limits = self._layer_limits()
+        if set(ranks) != set(limits):
+            extra = sorted(set(ranks) - set(limits))
+            lacking = sorted(set(limits) - set(ranks))
+            raise ValueError(
+                f"OIALR.load_state_dict: the checkpoint's layers differ from this model's "
+                f"(only in the checkpoint: {extra}; only in the model: {lacking})"
+            )
+        for name, rank in ranks.items():
+            limit = limits[name]
+            if not 1 <= rank <= limit:
+                raise ValueError(
+                    f"OIALR.load_state_dict: rank {rank} for {name!r} is outside [1, {limit}]"
+                )
+
+    def _resize(self, layer, rank: int) -> None:
+        """Give U, S, V the saved rank's shapes (values come from the model's state_dict)."""
+        old = layer.S
+        for name, shape in (
+            ("U", (layer.out_features, rank)),
+            ("S", (rank, rank)),
+            ("V", (layer.in_features, rank)),
+        ):
+            param = getattr(layer, name)
+            setattr(layer, name, nn.Parameter(param.new_zeros(shape), param.requires_grad))
+        _swap_in_optimizer(self.optimizer, old, layer.S)
+        self.optimizer.state.pop(old, None)
+
+
+# -------------------------------------------------------------------- module selection
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel or torch.compile wrapper."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return _unwrap(model.module)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(inner, nn.Module):
+        return _unwrap(inner)
+    return model
+
+
+def _selection(model, target_modules, exclude_modules, keep_last_dense) -> tuple[list, list]:
+    """(dense modules to convert, low-rank core='full' modules to adopt), by qualified name."""
+    modules = {name: module for name, module in model.named_modules() if name}
+    internal = _attention_internals(modules)
+    low_rank = (*_FACTORED, LowRankMultiheadAttention)
+    inside_low_rank = {
+        name
+        for name in modules
+        for parent, module in modules.items()
+        if isinstance(module, LowRankMultiheadAttention) and name.startswith(parent + ".")
+    }
+    if target_modules is None and not keep_last_dense:
+        targets = [
+            name
+            for name, module in modules.items()
+            if name not in internal
+            and isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+            and getattr(module, "groups", 1) == 1
+        ]
+    elif target_modules is None or target_modules == ALL_LINEAR:
+        targets = _targets(model, modules, internal, target_modules)
+    else:
+        targets = _match(target_modules, list(modules), "target_modules")
+    if target_modules is None or target_modules == ALL_LINEAR:
+        targets += [
+            name
+            for name, module in modules.items()
+            if isinstance(module, low_rank)
+            and name not in inside_low_rank
+            and (target_modules is None or not isinstance(module, LowRankConv2d))
+        ]
+    if exclude_modules is not None:
+        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
+        targets = [name for name in targets if name not in excluded]
+    to_convert, to_adopt = [], []
+    for name in targets:
+        module = modules[name]
+        if isinstance(module, low_rank):
+            for child_name, child in _factored_layers(name, module):
+                if child.core != "full" or child.frozen_rank:
+                    raise ValueError(
+                        f"OIALR trains low-rank layers with core='full' and no frozen "
+                        f"components; {child_name!r} has core={child.core!r}, "
+                        f"frozen={child.frozen_rank} (exclude it, or convert from dense)"
+                    )
+            to_adopt.append(name)
+        else:
+            _check_convertible(name, module, internal)
+            to_convert.append(name)
+    return to_convert, to_adopt
+
+
+def _factored_layers(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The LowRankLinear/LowRankConv2d layers a converted module consists of."""
+    if isinstance(module, _FACTORED):
+        return [(name, module)]
+    return [
+        (f"{name}.{child_name}", child)
+        for child_name, child in module.named_children()
+        if isinstance(child, _FACTORED)
+    ]
+
+
+def _dense_factorizations(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{name suffix of the low-rank layer it becomes: the dense weight it factorizes}."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return {"": module.weight}
+    if module._qkv_same_embed_dim:
+        weights = {".in_proj": module.in_proj_weight}
+    else:
+        weights = {f".{n}": getattr(module, f"{n}_weight") for n in ("q_proj", "k_proj", "v_proj")}
+    return {**weights, ".out_proj": module.out_proj.weight}
+
+
+def _dense_weights(modules) -> list[torch.Tensor]:
+    return [w for module in modules for w in _dense_factorizations(module).values()]
+
+
+def _share_and_map(old: nn.Module, new: nn.Module) -> list[tuple[nn.Parameter, list]]:
+    """Make `new` reuse old's bias Parameters, and map each old parameter that is replaced to
+    its successors: [(old, [(new_param, how)])], how = ("project", U, V) or ("chunk", i, n)."""
+    if isinstance(old, nn.MultiheadAttention):
+        pairs = [(old.out_proj, new.out_proj, old.out_proj.weight)]
+        if new.packed_in_proj:
+            _share_bias(new.in_proj, old.in_proj_bias)
+            pairs.append((None, new.in_proj, old.in_proj_weight))
+            transfers = []
+        else:
+            names = ("q_proj", "k_proj", "v_proj")
+            layers = [getattr(new, n) for n in names]
+            pairs += [(None, layer, getattr(old, f"{n}_weight")) for n, layer in zip(names, layers)]
+            transfers = []
+            if old.in_proj_bias is not None:
+                chunks = [(layer.bias, ("chunk", i, 3)) for i, layer in enumerate(layers)]
+                transfers.append((old.in_proj_bias, chunks))
+        for dense_linear, layer, weight in pairs:
+            if dense_linear is not None:
+                _share_bias(layer, dense_linear.bias)
+            transfers.append((weight, [(layer.S, ("project", layer.U, layer.V))]))
+        if old.bias_k is not None:
+            new.bias_k, new.bias_v = old.bias_k, old.bias_v
+        return transfers
+    _share_bias(new, old.bias)
+    return [(old.weight, [(new.S, ("project", new.U, new.V))])]
+
+
+def _share_bias(layer: nn.Module, bias) -> None:
+    if bias is not None:
+        layer.bias = bias  # the same Parameter: its optimizer state stays where it is
+
+
+# -------------------------------------------------------------------- optimizer surgery
+
+
+def _check_state_names(optimizer, mode: str, params) -> None:
+    """In rotate mode, refuse (before any change) a state entry we cannot transform."""
+    if mode != "rotate":
+        return
+    for param in params:
+        for key, value in optimizer.state.get(param, {}).items():
+            if (
+                torch.is_tensor(value)
+                and value.shape == param.shape
+                and value.dim() > 0
+                and key not in _LINEAR_STATES | _SQUARED_STATES
+            ):
+                raise ValueError(
+                    f"OIALR(state_mode='rotate') cannot carry {type(optimizer).__name__}'s state "
+                    f"{key!r} into a new basis (known: "
+                    f"{sorted(_LINEAR_STATES | _SQUARED_STATES)}); "
+                    "use state_mode='slice' or 'reset'"
+                )
+
+
+def _replace_in_optimizer(optimizer, old, successors, mode: str, carry_state: bool) -> None:
+    """Put `successors` where `old` was in its param group, with transformed state."""
+    for group in optimizer.param_groups:
+        position = next((i for i, p in enumerate(group["params"]) if p is old), None)
+        if position is not None:
+            group["params"][position : position + 1] = [new for new, _ in successors]
+            break
+    else:
+        return  # not optimized (frozen by the user): nothing to carry
+    state = optimizer.state.pop(old, None)
+    if not state or not carry_state:
+        return
+    for new, how in successors:
+        if how[0] == "project" and mode != "rotate":
+            continue  # slice and reset: the core starts fresh
+        carried = {}
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0:
+                carried[key] = _transfer(key, value, how).to(new.dtype)
+            else:
+                carried[key] = value.clone() if torch.is_tensor(value) else value
+        optimizer.state[new] = carried
+
+
+def _transfer(key: str, value: torch.Tensor, how) -> torch.Tensor:
+    if how[0] == "chunk":
+        return value.chunk(how[2])[how[1]].clone()
+    _, U, V = how
+    matrix = value.reshape(value.shape[0], -1)  # a conv kernel's moments as (out, in·kh·kw)
+    if key in _LINEAR_STATES:
+        return _sandwich(U, matrix, V)
+    return _sandwich(U * U, matrix, V * V)
+
+
+def _swap_in_optimizer(optimizer, old, new) -> None:
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+
+
+def _drop_from_optimizer(optimizer, params) -> None:
+    """Frozen factors leave the optimizer (convert may hand them in through adopted modules)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for param in params:
+        optimizer.state.pop(param, None)
+
+
+# -------------------------------------------------------------------- small helpers
+
+
+def _sandwich(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """leftᵀ · middle · right in float64, returned in middle's dtype."""
+    product = left.detach().double().mT @ middle.double() @ right.detach().double()
+    return product.to(middle.dtype)
+
+
+def _times(factor: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    return (factor.detach().double() @ rotation.double()).to(factor.dtype)
+
+
+def _source(group) -> int:
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+def _count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"argument '{name}' must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _fraction(name: str, value, upper_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"argument '{name}' must be a number, got {value!r}")
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ValueError(
+            f"argument '{name}' must be in [0, 1{')' if upper_open else ']'}, got {value!r}"
+        )
+    return float(value)
