@@ -13,13 +13,11 @@ run factored (`lowrank_ext.ops.linear`, two convolutions for LowRankConv2d), so 
 costs O((in + out)·r) per sample.
 
 The optimizer's state follows every change of parametrization (`state_mode`):
-- "rotate": moments are carried into the new coordinates. A state that is linear in the
-  gradient (SGD momentum, Adam's exp_avg, ...) transforms as S does, M ← Pᵀ M Q (at conversion
-  M ← Uᵀ M V), which is exact: a pure rotation followed by a step equals the step in the old
-  coordinates. A state of squared gradients (Adam's exp_avg_sq, ...) is elementwise and has no
-  exact image; it becomes the diagonal of the rotated covariance under independent entries,
-  v ← (P∘P)ᵀ v (Q∘Q), exact when the rotation is a signed permutation (the case once S is
-  diagonal).
+- "rotate": moments are carried into the new coordinates (`lowrank_ext.optimizer_state`):
+  exactly for those linear in the gradient (momentum, Adam's exp_avg), so that a pure rotation
+  followed by a step equals the step in the old coordinates; for squared ones (exp_avg_sq) as
+  the diagonal of the rotated covariance, exact once S is diagonal (the rotation is then a
+  signed permutation).
 - "slice": the reference's choice: state entries are cut to the kept leading block, unrotated;
   at conversion the new cores start with fresh state.
 - "reset": every changed parameter starts with fresh state (Adam restarts its bias correction).
@@ -38,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import optimizer_state
 from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .convert import (
@@ -53,10 +52,6 @@ from .nn import LowRankLinear
 __all__ = ["OIALR"]
 
 STATE_MODES = ("rotate", "slice", "reset")
-# Optimizer state entries that transform like the parameter (linear in the gradient) ...
-_LINEAR_STATES = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "ax", "prev"})
-# ... and those that accumulate squares of the gradient elementwise.
-_SQUARED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
 _FACTORED = (LowRankLinear, LowRankConv2d)
 _STATE_VERSION = 1
 
@@ -191,7 +186,7 @@ class OIALR:
             )
         dense = {name: modules[name] for name in self._to_convert}
         if carry_state:
-            _check_state_names(self.optimizer, self.state_mode, _dense_weights(dense.values()))
+            self._check_states(_dense_weights(dense.values()))
         if dense:
             exact = "|".join(re.escape(name) for name in dense)
             convert(self.model, target_modules=f"(?:{exact})", core="full")
@@ -199,16 +194,14 @@ class OIALR:
         for name, old in dense.items():
             transfers += _share_and_map(old, self.model.get_submodule(name))
         for old_param, new_params in transfers:
-            _replace_in_optimizer(
-                self.optimizer, old_param, new_params, self.state_mode, carry_state
-            )
+            self._carry(old_param, new_params, carry_state)
         managed = {}
         for name in self._to_convert + self._to_adopt:
             module = self.model.get_submodule(name)
             for child_name, child in _factored_layers(name, module):
                 child.U.requires_grad_(False)
                 child.V.requires_grad_(False)
-                _drop_from_optimizer(self.optimizer, (child.U, child.V))
+                optimizer_state.drop(self.optimizer, (child.U, child.V))
                 managed[child_name] = child
         self._managed = managed
         self.converted = True
@@ -236,9 +229,7 @@ class OIALR:
                 P, sigma, Qh = torch.linalg.svd(layer.S.detach().to(precision))
             plans[name] = (P, sigma, Qh.mT, self._kept(sigma))
         kept = self._agree_on([plan[3] for plan in plans.values()])
-        _check_state_names(
-            self.optimizer, self.state_mode, [layer.S for layer in self._managed.values()]
-        )
+        self._check_states([layer.S for layer in self._managed.values()])
         changed = False
         for (name, layer), k in zip(self._managed.items(), kept):
             P, sigma, Q, _ = plans[name]
@@ -272,26 +263,50 @@ class OIALR:
                 getattr(layer, name).copy_(value)
             old.grad = None
             new = old
+            state = self.optimizer.state.pop(old, None)
         else:
             for name, value in factors.items():
                 trainable = getattr(layer, name).requires_grad
                 setattr(layer, name, nn.Parameter(value, requires_grad=trainable))
             new = layer.S
-            _swap_in_optimizer(self.optimizer, old, new)
-        state = self.optimizer.state.pop(old, None)
+            state = optimizer_state.replace(self.optimizer, old, [new])
         if not state or self.state_mode == "reset":
             return
         k = sigma.numel()
         for key, value in state.items():
-            if not (torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0):
+            if not optimizer_state.per_element(value, old):
                 continue
             if self.state_mode == "slice":
                 state[key] = value[:k, :k].clone()
-            elif key in _LINEAR_STATES:
-                state[key] = _sandwich(P, value, Q)
             else:
-                state[key] = _sandwich(P * P, value, Q * Q)
+                state[key] = optimizer_state.change_basis(key, value, P, Q)
         self.optimizer.state[new] = state
+
+    # ---------------------------------------------------------------- optimizer state
+
+    def _check_states(self, params) -> None:
+        if self.state_mode == "rotate":
+            optimizer_state.check_transformable(self.optimizer, params)
+
+    def _carry(self, old, successors: list, carry_state: bool) -> None:
+        """Put `successors` [(param, how)] where `old` was in the optimizer, with its state:
+        how = ("project", U, V) for a core replacing a dense weight, ("chunk", i, n) for the
+        i-th of n pieces of a packed bias."""
+        state = optimizer_state.replace(self.optimizer, old, [new for new, _ in successors])
+        if not state or not carry_state:
+            return
+        for new, how in successors:
+            if how[0] == "project" and self.state_mode != "rotate":
+                continue  # slice and reset: the core starts fresh
+            carried = {}
+            for key, value in state.items():
+                if not optimizer_state.per_element(value, old):
+                    carried[key] = value.clone() if torch.is_tensor(value) else value
+                elif how[0] == "chunk":
+                    carried[key] = value.chunk(how[2])[how[1]].clone()
+                else:
+                    carried[key] = optimizer_state.change_basis(key, value, how[1], how[2])
+            self.optimizer.state[new] = carried
 
     # ---------------------------------------------------------------- distributed agreement
 
@@ -467,8 +482,7 @@ class OIALR:
         ):
             param = getattr(layer, name)
             setattr(layer, name, nn.Parameter(param.new_zeros(shape), param.requires_grad))
-        _swap_in_optimizer(self.optimizer, old, layer.S)
-        self.optimizer.state.pop(old, None)
+        optimizer_state.replace(self.optimizer, old, [layer.S])
 
 
 # -------------------------------------------------------------------- module selection
@@ -595,84 +609,7 @@ def _share_bias(layer: nn.Module, bias) -> None:
         layer.bias = bias  # the same Parameter: its optimizer state stays where it is
 
 
-# -------------------------------------------------------------------- optimizer surgery
-
-
-def _check_state_names(optimizer, mode: str, params) -> None:
-    """In rotate mode, refuse (before any change) a state entry we cannot transform."""
-    if mode != "rotate":
-        return
-    for param in params:
-        for key, value in optimizer.state.get(param, {}).items():
-            if (
-                torch.is_tensor(value)
-                and value.shape == param.shape
-                and value.dim() > 0
-                and key not in _LINEAR_STATES | _SQUARED_STATES
-            ):
-                raise ValueError(
-                    f"OIALR(state_mode='rotate') cannot carry {type(optimizer).__name__}'s state "
-                    f"{key!r} into a new basis (known: "
-                    f"{sorted(_LINEAR_STATES | _SQUARED_STATES)}); "
-                    "use state_mode='slice' or 'reset'"
-                )
-
-
-def _replace_in_optimizer(optimizer, old, successors, mode: str, carry_state: bool) -> None:
-    """Put `successors` where `old` was in its param group, with transformed state."""
-    for group in optimizer.param_groups:
-        position = next((i for i, p in enumerate(group["params"]) if p is old), None)
-        if position is not None:
-            group["params"][position : position + 1] = [new for new, _ in successors]
-            break
-    else:
-        return  # not optimized (frozen by the user): nothing to carry
-    state = optimizer.state.pop(old, None)
-    if not state or not carry_state:
-        return
-    for new, how in successors:
-        if how[0] == "project" and mode != "rotate":
-            continue  # slice and reset: the core starts fresh
-        carried = {}
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0:
-                carried[key] = _transfer(key, value, how).to(new.dtype)
-            else:
-                carried[key] = value.clone() if torch.is_tensor(value) else value
-        optimizer.state[new] = carried
-
-
-def _transfer(key: str, value: torch.Tensor, how) -> torch.Tensor:
-    if how[0] == "chunk":
-        return value.chunk(how[2])[how[1]].clone()
-    _, U, V = how
-    matrix = value.reshape(value.shape[0], -1)  # a conv kernel's moments as (out, in·kh·kw)
-    if key in _LINEAR_STATES:
-        return _sandwich(U, matrix, V)
-    return _sandwich(U * U, matrix, V * V)
-
-
-def _swap_in_optimizer(optimizer, old, new) -> None:
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-
-
-def _drop_from_optimizer(optimizer, params) -> None:
-    """Frozen factors leave the optimizer (convert may hand them in through adopted modules)."""
-    ids = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    for param in params:
-        optimizer.state.pop(param, None)
-
-
 # -------------------------------------------------------------------- small helpers
-
-
-def _sandwich(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """leftᵀ · middle · right in float64, returned in middle's dtype."""
-    product = left.detach().double().mT @ middle.double() @ right.detach().double()
-    return product.to(middle.dtype)
 
 
 def _times(factor: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
