@@ -25,6 +25,11 @@ The optimizer's state follows every change of parametrization (`state_mode`):
 Distributed: with torch.distributed initialized (world size > 1), rank decisions and the new
 factors and moments are broadcast from process 0, so all processes stay bitwise equal. A change
 of parameter shapes needs a new DistributedDataParallel wrapper; `step()` returns True then.
+
+torch.compile: each change of shapes compiles the model once more (an update that keeps the
+ranks writes in place and does not). Dynamo runs a frame eagerly once it has been recompiled
+`torch._dynamo.config.recompile_limit` times (8 by default): raise that limit above the number
+of rank changes a run makes.
 """
 
 from __future__ import annotations
