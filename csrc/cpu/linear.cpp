@@ -34,7 +34,13 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // U S (diagonal or full): folding the core into U once costs O(out·r²), and then
-// y = t (U S)ᵀ is a single GEMM per block.
+// y = t (U S)ᵀ is a single GEMM per block. A full core applied to the batch instead,
+// (t Sᵀ) Uᵀ, costs O(batch·r²): cheaper when the batch is smaller than out (OIALR's
+// full-rank cores at training batch sizes).
+bool folds_core(const at::Tensor& S, int64_t batch, int64_t out_features) {
+  return S.dim() == 1 || batch >= out_features;
+}
+
 at::Tensor fold_core(const at::Tensor& U, const at::Tensor& S) {
   return S.dim() == 1 ? U * S : at::mm(U, S);
 }
@@ -54,22 +60,30 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
 
   const at::Tensor x2 = x.contiguous().view({sz.batch, sz.in_features});
   const at::Tensor y2 = y.view({sz.batch, sz.out_features});
-  const at::Tensor US_T = fold_core(U, S).t();
+  const bool fold = folds_core(S, sz.batch, sz.out_features);
+  const at::Tensor US_T = fold ? fold_core(U, S).t() : U.t();
+  const at::Tensor S_T = S.t();
   const int64_t block = forward_rows(sz.rank);
   const bool has_bias = bias.has_value() && bias->defined();
 
   at::parallel_for(0, sz.batch, grain(sz.batch, block), [&](int64_t begin, int64_t end) {
     BelowAutograd below_autograd_in_worker;
     at::Tensor scratch = save_t ? at::Tensor() : at::empty({block, sz.rank}, opts);
+    at::Tensor core_scratch = fold ? at::Tensor() : at::empty({block, sz.rank}, opts);
     for (int64_t row = begin; row < end; row += block) {
       const int64_t rows = std::min(block, end - row);
       at::Tensor t_blk = save_t ? t.narrow(0, row, rows) : scratch.narrow(0, 0, rows);
       at::Tensor y_blk = y2.narrow(0, row, rows);
       at::mm_out(t_blk, x2.narrow(0, row, rows), V);
+      at::Tensor mixed = t_blk;  // t Sᵀ when the core is not folded into U
+      if (!fold) {
+        mixed = core_scratch.narrow(0, 0, rows);
+        at::mm_out(mixed, t_blk, S_T);
+      }
       if (has_bias) {
-        at::addmm_out(y_blk, *bias, t_blk, US_T);
+        at::addmm_out(y_blk, *bias, mixed, US_T);
       } else {
-        at::mm_out(y_blk, t_blk, US_T);
+        at::mm_out(y_blk, mixed, US_T);
       }
     }
   });

@@ -116,7 +116,8 @@ int main() {
       check(0, 5, 4, 2, full, dtype);     // empty batch
       check(1, 1, 1, 1, full, dtype);     // smallest
       check(7, 13, 11, 3, full, dtype);   // odd sizes
-      check(150, 9, 6, 5, full, dtype);   // several row blocks
+      check(150, 9, 6, 5, full, dtype);   // several row blocks; batch >= out: S folded into U
+      check(3, 8, 40, 4, full, dtype);    // batch < out: a full S is applied to t instead
     }
   std::printf(failures ? "%d check(s) failed\n" : "all checks passed\n", failures);
   return failures ? 1 : 0;
