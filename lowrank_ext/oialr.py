@@ -508,12 +508,11 @@ def _selection(model, target_modules, exclude_modules, keep_last_dense) -> tuple
     modules = {name: module for name, module in model.named_modules() if name}
     internal = _attention_internals(modules)
     low_rank = (*_FACTORED, LowRankMultiheadAttention)
-    inside_low_rank = {
-        name
-        for name in modules
-        for parent, module in modules.items()
-        if isinstance(module, LowRankMultiheadAttention) and name.startswith(parent + ".")
-    }
+    # the projections of a low-rank attention module go with it, as convert's out_proj does
+    attention = tuple(
+        f"{name}." for name, m in modules.items() if isinstance(m, LowRankMultiheadAttention)
+    )
+    inside_low_rank = {name for name in modules if attention and name.startswith(attention)}
     if target_modules is None and not keep_last_dense:
         targets = [
             name

@@ -357,6 +357,17 @@ def test_keep_last_dense_false_converts_the_head_and_adopts_full_core_layers():
     }
 
 
+def test_a_low_rank_attention_module_is_adopted_with_its_projections():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    attention = LowRankMultiheadAttention(8, 2, rank=8, core="full")
+    opt = torch.optim.SGD([*model.parameters(), *attention.parameters()], lr=0.1)
+    holder = nn.ModuleDict({"mlp": model, "attn": attention})
+    oialr = OIALR(holder, opt, delay=0, frequency=1)
+    assert oialr.ranks() == {"mlp.0": 8, "attn.in_proj": 8, "attn.out_proj": 8}
+    assert not attention.in_proj.U.requires_grad
+    assert all(p is not attention.in_proj.U for p in _optimized(opt))
+
+
 # -------------------------------------------------------------------- checkpoints
 
 RESUME_SCRIPT = r"""
