@@ -97,7 +97,8 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     extension = CUDAExtension(
         "lowrank_ext._C",
-        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cuda/*.cu"),
+        sources("csrc/*.cpp") + sources("csrc/autograd/*.cpp") + sources("csrc/cpu/*.cpp")
+        + sources("csrc/cuda/*.cu"),
         include_dirs=[str(ROOT / "csrc")],
         define_macros=[("LOWRANK_EXT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
@@ -106,7 +107,7 @@ if with_cuda:
 else:
     extension = CppExtension(
         "lowrank_ext._C",
-        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp"),
+        sources("csrc/*.cpp") + sources("csrc/autograd/*.cpp") + sources("csrc/cpu/*.cpp"),
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,

@@ -36,8 +36,12 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
 // Output shape of y: x's leading dims followed by out_features.
 std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features);
 
-// Forward kernels. Return (y, t): y has shape (..., out); t = x V has shape (batch, r) when
-// save_t is true and shape (0,) otherwise. Inputs may be non-contiguous.
+// dtype of the saved t = x V: float32 for float16/bfloat16 x (so |t| > 65504 stays finite in
+// float16, and the backward's sums read full-precision t), else x's dtype.
+at::ScalarType saved_t_dtype(at::ScalarType x_dtype);
+
+// Forward kernels. Return (y, t): y has shape (..., out); t = x V has shape (batch, r) and dtype
+// saved_t_dtype(x) when save_t is true, and shape (0,) otherwise. Inputs may be non-contiguous.
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& U,
                                                       const at::Tensor& S, const at::Tensor& V,
                                                       const std::optional<at::Tensor>& bias,
@@ -49,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
 
 // Backward kernels. output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias); an output
 // that is not asked for is returned as an empty tensor of shape (0,). grad_x has x's shape.
-// t is the saved x V of shape (batch, r); it is only read when grad_U or grad_S is asked for.
+// t is the saved x V of shape (batch, r) (dtype saved_t_dtype), or (0,) (then recomputed); it is
+// only read when grad_U or grad_S is asked for.
 using LinearGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& t,
                                 const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,

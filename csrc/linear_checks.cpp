@@ -92,8 +92,18 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
   TORCH_CHECK(t.numel() == 0 || (t.dim() == 2 && t.size(0) == sizes.batch && t.size(1) == sizes.rank),
               op, ": argument 't' (the saved x V) must have shape (", sizes.batch, ", ", sizes.rank,
               "), got shape ", t.sizes());
-  if (t.numel() != 0) check_same_dtype_and_device(x, t, "t", op);
+  if (t.numel() != 0) {
+    TORCH_CHECK(t.scalar_type() == saved_t_dtype(x.scalar_type()), op,
+                ": argument 't' (the saved x V) has dtype ", t.scalar_type(), " but must be ",
+                saved_t_dtype(x.scalar_type()), " for x of dtype ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": argument 't' is on ", t.device(),
+                " but x is on ", x.device());
+  }
   return sizes;
+}
+
+at::ScalarType saved_t_dtype(at::ScalarType x_dtype) {
+  return x_dtype == at::kHalf || x_dtype == at::kBFloat16 ? at::kFloat : x_dtype;
 }
 
 std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features) {

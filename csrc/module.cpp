@@ -1,9 +1,46 @@
-// The Python module lowrank_ext._C: an empty module. Importing it loads this library, whose
-// static initializers register the ops with the dispatcher (torch.ops.lowrank_ext.*).
+// The Python module lowrank_ext._C. Importing it loads this library, whose static initializers
+// register the ops with the dispatcher (torch.ops.lowrank_ext.*). Its functions are the
+// process-wide settings that are no ops: lowrank_ext.set_cuda_kernels wraps them.
 #include <Python.h>
+
+#include <cstring>
+
+#include "backend.h"
+
+namespace {
+
+PyObject* set_cuda_kernels(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name != nullptr && std::strcmp(name, "cublas") == 0) {
+    lowrank_ext::set_cuda_kernels(lowrank_ext::CudaKernels::kCublas);
+  } else if (name != nullptr && std::strcmp(name, "fused") == 0) {
+    lowrank_ext::set_cuda_kernels(lowrank_ext::CudaKernels::kFused);
+  } else {
+    PyErr_SetString(PyExc_ValueError, "_set_cuda_kernels: expected 'cublas' or 'fused'");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* cuda_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(
+      lowrank_ext::cuda_kernels() == lowrank_ext::CudaKernels::kFused ? "fused" : "cublas");
+}
+
+PyObject* cpu_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(lowrank_ext::cpu_gemm_path());
+}
+
+PyMethodDef methods[] = {
+    {"_set_cuda_kernels", set_cuda_kernels, METH_O, "Select the CUDA kernels of linear."},
+    {"_cuda_kernels", cuda_kernels, METH_NOARGS, "The CUDA kernels linear runs."},
+    {"_cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM path: 'blas' or 'aten'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lowrank_ext compiled ops", -1,
-                               nullptr};
+                               methods};
   return PyModule_Create(&module);
 }

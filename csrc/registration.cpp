@@ -3,11 +3,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lowrank_ext, m) {
-  // Public op: y = ((x V) Sᵀ) Uᵀ + bias. Composite: it calls linear_forward, which carries the
-  // kernels and the autograd formula, so linear itself needs no backend kernels.
+  // Public op: y = ((x V) Sᵀ) Uᵀ + bias. Its autograd kernel (autograd/linear.cpp) runs
+  // linear_forward and linear_backward; without gradients it goes straight to its backend kernel.
   m.def("linear(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? bias=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // Fused forward; t = x V (shape (batch, r)) is returned for backward when save_t, else (0,).
+  // t is float32 for float16/bfloat16 inputs (it cannot overflow), else x's dtype.
   m.def(
       "linear_forward(Tensor x, Tensor U, Tensor S, Tensor V, Tensor? bias, bool save_t) "
       "-> (Tensor y, Tensor t)",
@@ -19,8 +20,8 @@ TORCH_LIBRARY(lowrank_ext, m) {
       "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_U, Tensor grad_S, Tensor grad_V, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
-  // Public op: Y = X − Q(QᵀX) applied `passes` times, columns optionally normalized.
-  // Composite: it calls project_out_forward, which carries the kernels and the autograd formula.
+  // Public op: Y = X − Q(QᵀX) applied `passes` times, columns optionally normalized. Its
+  // autograd kernel (autograd/project_out.cpp) runs project_out_forward and project_out_backward.
   m.def("project_out(Tensor Q, Tensor X, int passes=2, bool normalize=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // Fused forward; also returns the float64 coefficients C_j = Qᵀ Y_j, shape (passes, k, p),

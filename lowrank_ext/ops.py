@@ -1,20 +1,95 @@
-"""Functional API: the custom ops, their fake (meta) implementations and their autograd.
+"""Functional API: the custom ops, their fake (meta) implementations and the CUDA kernel switch.
 
-`linear` is `torch.ops.lowrank_ext.linear`, a composite of `linear_forward` (fused kernel,
-returns y and the saved t = x V) whose backward is the fused `linear_backward` op.
-`project_out` is likewise a composite of `project_out_forward` (returns Y and the float64
-Gram–Schmidt coefficients and norms the fused `project_out_backward` needs).
+`linear` is `torch.ops.lowrank_ext.linear`. Its autograd is C++ (csrc/autograd/): with gradients
+it runs `linear_forward` (returns y and the saved t = x V) and, in backward, the fused
+`linear_backward` op; without gradients it goes straight to the backend kernel. `project_out`
+likewise runs `project_out_forward` (Y and the float64 Gram–Schmidt coefficients and norms) and
+`project_out_backward`. Python holds only what torch.compile and torch.export need (the fake
+implementations) and the process-wide choice of CUDA kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
-from . import reference
 from ._extension import load
 
 BUILD_CONFIG = load()
+from . import _C  # noqa: E402  (loaded by load(): the ops' registrations and the settings)
+
 _ops = torch.ops.lowrank_ext
+# Bound once: the op's own overload, so a call costs one Python frame before C++.
+_linear = _ops.linear.default
+_project_out = _ops.project_out.default
+
+CUDA_KERNELS = ("cublas", "fused")
+CUDA_KERNELS_ENV = "LOWRANK_EXT_CUDA_KERNELS"
+
+
+def set_cuda_kernels(name: str) -> None:
+    """Choose the CUDA kernels of `linear` for this process (every device, every thread).
+
+    Args:
+        name: "cublas" (the default) — cuBLAS GEMMs composed inside the op: tensor cores on
+            every architecture, cuBLAS's own accumulation; or "fused" — the SIMT kernels of
+            csrc/cuda/linear.cu (one pass over x per tile, no tensor cores; opt-in, see README
+            "CUDA kernels").
+
+    Both give the same results to rounding and the same saved tensors, so the choice may change
+    between calls, also after torch.compile or CUDA-graph capture (a graph keeps the kernels it
+    captured). CPU calls are unaffected. The environment variable LOWRANK_EXT_CUDA_KERNELS sets
+    the choice at import.
+
+    Raises:
+        ValueError: name is not "cublas" or "fused".
+    """
+    if name not in CUDA_KERNELS:
+        raise ValueError(
+            f"lowrank_ext.set_cuda_kernels: unknown CUDA kernels {name!r}; "
+            f"expected one of {', '.join(map(repr, CUDA_KERNELS))}"
+        )
+    _C._set_cuda_kernels(name)
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernels `linear` runs now: "cublas" or "fused" (see set_cuda_kernels)."""
+    return _C._cuda_kernels()
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(name: str) -> Iterator[None]:
+    """Context manager: `set_cuda_kernels(name)` inside, the previous choice restored after."""
+    previous = cuda_kernels()
+    set_cuda_kernels(name)
+    try:
+        yield
+    finally:
+        set_cuda_kernels(previous)
+
+
+def cpu_gemm() -> str:
+    """How the CPU kernels multiply: "blas" (the BLAS inside libtorch, called directly) or
+    "aten" (through at::addmm_out, where that libtorch exports no BLAS entry points)."""
+    return _C._cpu_gemm()
+
+
+def _kernels_from_environment() -> None:
+    name = os.environ.get(CUDA_KERNELS_ENV)
+    if name is None:
+        return
+    if name not in CUDA_KERNELS:
+        raise ValueError(
+            f"environment variable {CUDA_KERNELS_ENV}={name!r} names no CUDA kernels of "
+            f"lowrank_ext; expected one of {', '.join(map(repr, CUDA_KERNELS))}"
+        )
+    set_cuda_kernels(name)
+
+
+_kernels_from_environment()
 
 
 def linear(
@@ -37,7 +112,7 @@ def linear(
     in float32) and one device. Under autocast, CUDA inputs are cast to the autocast dtype and
     CPU inputs to float32. Returns y of shape (..., out_features).
     """
-    return _ops.linear(x, U, S, V, bias)
+    return _linear(x, U, S, V, bias)
 
 
 def _check_fake_args(x, U, S, V, bias):
@@ -85,14 +160,24 @@ def _check_fake_args(x, U, S, V, bias):
         )
 
 
+# The dtype of the saved t = x V (csrc/linear.h, saved_t_dtype): float32 for half inputs.
+_SAVED_T_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+@torch.library.register_fake("lowrank_ext::linear")
+def _linear_fake(x, U, S, V, bias=None):
+    _check_fake_args(x, U, S, V, bias)
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
 @torch.library.register_fake("lowrank_ext::linear_forward")
 def _linear_forward_fake(x, U, S, V, bias, save_t):
-    _check_fake_args(x, U, S, V, bias)
-    y = x.new_empty((*x.shape[:-1], U.shape[0]))
+    y = _linear_fake(x, U, S, V, bias)
     batch = 1
     for size in x.shape[:-1]:
         batch = batch * size
-    t = x.new_empty((batch, U.shape[1])) if save_t else x.new_empty((0,))
+    t_dtype = _SAVED_T_DTYPE.get(x.dtype, x.dtype)
+    t = x.new_empty((batch, U.shape[1]), dtype=t_dtype) if save_t else x.new_empty((0,))
     return y, t
 
 
@@ -108,43 +193,6 @@ def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
         grad_like(output_mask[3], V),
         U.new_empty((U.shape[0],)) if output_mask[4] else U.new_empty((0,)),
     )
-
-
-def _setup_context(ctx, inputs, output):
-    x, U, S, V, bias, _save_t = inputs
-    _y, t = output
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(t)
-    ctx.save_for_backward(x, U, S, V, t)
-
-
-def _backward(ctx, grad_y, _grad_t):
-    x, U, S, V, t = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], needs[2], needs[3], ctx.has_bias and needs[4]]
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): the fused backward has no derivative of its
-        # own, so differentiate the plain-PyTorch formula instead.
-        return _differentiable_backward(grad_y, x, U, S, V, mask) + (None,)
-    grads = _ops.linear_backward(grad_y, x, t, U, S, V, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
-
-
-def _differentiable_backward(grad_y, x, U, S, V, mask):
-    # Rebuild the forward from the saved inputs (still attached to the graph) with plain ops.
-    inputs = (x, U, S, V)
-    wanted = [i for i, m in zip(inputs, mask[:4]) if m]
-    with torch.enable_grad():
-        y = reference.linear(x, U, S, V)
-        grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
-    out = [next(grads) if m else None for m in mask[:4]]
-    bias_grad = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if mask[4] else None
-    return (*out, bias_grad)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::linear_forward", _backward, setup_context=_setup_context
-)
 
 
 def project_out(
@@ -166,7 +214,7 @@ def project_out(
     TF32/half-precision matmul is used, whatever torch's precision settings. Under autocast,
     half inputs are computed in float32. Differentiable in Q and X (fused backward).
     """
-    return _ops.project_out(Q, X, passes, normalize)
+    return _project_out(Q, X, passes, normalize)
 
 
 def _check_project_out_fake_args(Q, X, passes):
@@ -190,6 +238,12 @@ def _check_project_out_fake_args(Q, X, passes):
     torch._check(passes >= 1, lambda: f"{op}: argument 'passes' must be >= 1, got {passes}")
 
 
+@torch.library.register_fake("lowrank_ext::project_out")
+def _project_out_fake(Q, X, passes=2, normalize=False):
+    _check_project_out_fake_args(Q, X, passes)
+    return X.new_empty(X.shape)
+
+
 @torch.library.register_fake("lowrank_ext::project_out_forward")
 def _project_out_forward_fake(Q, X, passes, normalize):
     _check_project_out_fake_args(Q, X, passes)
@@ -204,34 +258,3 @@ def _project_out_backward_fake(grad_Y, Q, X, Y, coeffs, norms, passes, normalize
     grad_Q = Q.new_empty(Q.shape) if output_mask[0] else Q.new_empty((0,))
     grad_X = X.new_empty(X.shape) if output_mask[1] else X.new_empty((0,))
     return grad_Q, grad_X
-
-
-def _project_out_setup_context(ctx, inputs, output):
-    Q, X, passes, normalize = inputs
-    Y, coeffs, norms = output
-    ctx.passes, ctx.normalize = passes, normalize
-    ctx.mark_non_differentiable(coeffs, norms)
-    ctx.save_for_backward(Q, X, Y, coeffs, norms)
-
-
-def _project_out_backward(ctx, grad_Y, _grad_coeffs, _grad_norms):
-    Q, X, Y, coeffs, norms = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): differentiate the plain-PyTorch formula.
-        wanted = [t for t, m in zip((Q, X), mask) if m]
-        with torch.enable_grad():
-            out = reference.project_out(Q, X, ctx.passes, ctx.normalize)
-            grads = iter(torch.autograd.grad(out, wanted, grad_Y, create_graph=True))
-        return tuple(next(grads) if m else None for m in mask) + (None, None)
-    grads = _ops.project_out_backward(
-        grad_Y, Q, X, Y, coeffs, norms, ctx.passes, ctx.normalize, mask
-    )
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::project_out_forward",
-    _project_out_backward,
-    setup_context=_project_out_setup_context,
-)

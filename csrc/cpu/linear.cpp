@@ -1,19 +1,30 @@
 // CPU kernels of lowrank_ext::linear (float32, float64).
 //
-// Both passes walk the batch in blocks of rows under at::parallel_for. A block of x
-// (and of grad_y) is read from memory once and reused from cache by the small GEMMs that
-// follow, and every result is written straight into its slice of the output, so no B×out or
-// B×in temporary is ever allocated (on this class of machine the page faults of a fresh large
-// buffer cost more than the arithmetic at small rank).
+// Both passes walk the batch in blocks of rows. A block of x (and of grad_y) is read from memory
+// once and reused from cache by the small GEMMs that follow, and every result is written straight
+// into its slice of the output, so no B×out or B×in temporary is ever allocated (on this class of
+// machine the page faults of a fresh large buffer cost more than the arithmetic at small rank).
+//
+// The GEMMs are raw BLAS calls (cpu/blas.h): at inference batch sizes the per-call cost of ATen
+// ops would exceed the arithmetic. With more than one block and more than one thread the blocks
+// are spread over at::parallel_for (each BLAS call then runs on its worker's thread); a batch of
+// one block runs on the calling thread, where the BLAS may use every thread itself.
 #include "linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "cpu/blas.h"
 
 namespace lowrank_ext {
 namespace {
+
+using cpu::gemm;
+using cpu::Op;
 
 // Rows per block. At small r a block of 64 rows of x (1 MiB of fp32 at in = 4096) stays in L2
 // between the GEMMs that read it. Blocks grow with r because BLAS runs short GEMMs poorly and,
@@ -22,28 +33,167 @@ namespace {
 int64_t forward_rows(int64_t rank) { return std::max<int64_t>(64, 4 * rank); }
 int64_t backward_rows(int64_t rank) { return std::max<int64_t>(64, 8 * rank); }
 
+bool split_over_threads(int64_t batch, int64_t block) {
+  return batch > block && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 // Grain of at::parallel_for: a whole block, but never so large that a thread is left idle.
 int64_t grain(int64_t batch, int64_t block) {
   return std::max<int64_t>(1, std::min(block, at::divup(batch, at::get_num_threads())));
 }
 
-// The kernels call ATen ops on tensors that may require grad; autograd must not see them. The
-// guard is thread-local, so each at::parallel_for worker sets its own.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t elements) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(elements, 1))]);
+}
+
+// How the core meets the batch in the forward.
+//   kScale: diagonal S scales t (B·r multiplies; never folded into U, which would cost out·r
+//           and an allocation on every call).
+//   kCoreOnBatch: full S applied to the batch, z = t Sᵀ (B·r², cheaper while B < out).
+//   kFolded: full S folded into U once, y = t (U S)ᵀ (out·r², cheaper once B ≥ out).
+enum class Core { kScale, kCoreOnBatch, kFolded };
+
+template <typename T>
+struct Forward {
+  const T* x;     // (B, n)
+  const T* V;     // (n, r)
+  const T* S;     // (r) or (r, r)
+  const T* M;     // (m, r): U, or U S when folded
+  const T* bias;  // (m) or null
+  T* y;           // (B, m)
+  T* t;           // (B, r) when t is saved, else null
+  int64_t n, m, r;
+  Core core;
+
+  // Rows [row, row + rows); work holds 2·rows·r elements.
+  void block(int64_t row, int64_t rows, T* work) const {
+    T* tb = t != nullptr ? t + row * r : work;
+    gemm<T>(Op::N, Op::N, rows, r, n, 1, x + row * n, n, V, r, 0, tb, r);
+    const T* z = tb;
+    if (core == Core::kScale) {
+      T* zb = t != nullptr ? work : tb;  // the saved t stays unscaled
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < r; ++c) zb[i * r + c] = tb[i * r + c] * S[c];
+      z = zb;
+    } else if (core == Core::kCoreOnBatch) {
+      T* zb = work + rows * r;
+      gemm<T>(Op::N, Op::T, rows, r, r, 1, tb, r, S, r, 0, zb, r);
+      z = zb;
+    }
+    T* yb = y + row * m;
+    T beta = 0;
+    if (bias != nullptr) {
+      for (int64_t i = 0; i < rows; ++i) std::copy(bias, bias + m, yb + i * m);
+      beta = 1;
+    }
+    gemm<T>(Op::N, Op::T, rows, m, r, 1, z, r, M, r, beta, yb, m);
+  }
+};
+
+// The batch sums of one thread (or the outputs themselves on a single pass).
+template <typename T>
+struct Sums {
+  T* dU = nullptr;  // (m, r)
+  T* dS = nullptr;  // (r) or (r, r)
+  T* dV = nullptr;  // (n, r)
+  T* db = nullptr;  // (m)
+  bool first = true;  // the first block overwrites (beta = 0), later blocks add
+};
+
+template <typename T>
+struct Backward {
+  const T* dy;  // (B, m)
+  const T* x;   // (B, n), or null when neither dV nor a recomputed t needs it
+  const T* t;   // (B, r) saved, or null: recomputed from x when dU or dS needs it
+  const T* U;
+  const T* S;
+  const T* V;
+  T* dx;  // (B, n) or null
+  int64_t n, m, r;
+  bool diag, need_dx, need_dU, need_dS, need_dV, need_db;
+
+  // Rows [row, row + rows); work holds 3·rows·r + rows elements.
+  void block(int64_t row, int64_t rows, T* work, Sums<T>& sums) const {
+    const T beta = sums.first ? T(0) : T(1);
+    sums.first = false;
+    T* buf_t = work;
+    T* buf_g = work + rows * r;
+    T* buf_z = work + 2 * rows * r;  // z = t Sᵀ, later dt = g S
+    T* ones = work + 3 * rows * r;
+    const T* dyb = dy + row * m;
+    const T* xb = x != nullptr ? x + row * n : nullptr;
+    const T* tb = nullptr;
+    if (need_dU || need_dS) {
+      if (t != nullptr) {
+        tb = t + row * r;
+      } else {
+        gemm<T>(Op::N, Op::N, rows, r, n, 1, xb, n, V, r, 0, buf_t, r);
+        tb = buf_t;
+      }
+    }
+    if (need_db) {  // db += 1ᵀ dy
+      std::fill(ones, ones + rows, T(1));
+      gemm<T>(Op::N, Op::N, 1, m, rows, 1, ones, rows, dyb, m, beta, sums.db, m);
+    }
+    if (need_dU) {  // dU += dyᵀ z, z = t Sᵀ
+      if (diag) {
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t c = 0; c < r; ++c) buf_z[i * r + c] = tb[i * r + c] * S[c];
+      } else {
+        gemm<T>(Op::N, Op::T, rows, r, r, 1, tb, r, S, r, 0, buf_z, r);
+      }
+      gemm<T>(Op::T, Op::N, m, r, rows, 1, dyb, m, buf_z, r, beta, sums.dU, r);
+    }
+    if (!(need_dS || need_dV || need_dx)) return;
+    gemm<T>(Op::N, Op::N, rows, r, m, 1, dyb, m, U, r, 0, buf_g, r);  // g = dy U
+    if (need_dS) {  // diagonal: dS += Σ_b g ⊙ t; full: dS += gᵀ t
+      if (diag) {
+        for (int64_t c = 0; c < r; ++c) {
+          T s = 0;
+          for (int64_t i = 0; i < rows; ++i) s += buf_g[i * r + c] * tb[i * r + c];
+          sums.dS[c] = beta == T(0) ? s : sums.dS[c] + s;  // never 0·NaN
+        }
+      } else {
+        gemm<T>(Op::T, Op::N, r, r, rows, 1, buf_g, r, tb, r, beta, sums.dS, r);
+      }
+    }
+    if (!(need_dV || need_dx)) return;
+    T* dt = buf_z;  // dt = g S, the gradient of t
+    if (diag) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < r; ++c) dt[i * r + c] = buf_g[i * r + c] * S[c];
+    } else {
+      gemm<T>(Op::N, Op::N, rows, r, r, 1, buf_g, r, S, r, 0, dt, r);
+    }
+    if (need_dV) gemm<T>(Op::T, Op::N, n, r, rows, 1, xb, n, dt, r, beta, sums.dV, r);
+    if (need_dx) gemm<T>(Op::N, Op::T, rows, n, r, 1, dt, r, V, r, 0, dx + row * n, n);
+  }
+};
+
+// Runs body(row, rows, work) over the batch in blocks: on the calling thread, or spread over
+// threads with one scratch per worker sized by the rows it actually gets (never by r alone).
+template <typename T, typename Body>
+void over_blocks(int64_t batch, int64_t block, int64_t work_per_row, int64_t work_fixed,
+                 Body&& body) {
+  auto run = [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = std::min(block, end - begin);
+    auto work = scratch<T>(rows_max * work_per_row + work_fixed);
+    for (int64_t row = begin; row < end; row += block) {
+      body(row, std::min(block, end - row), work.get());
+    }
+  };
+  if (!split_over_threads(batch, block)) {
+    run(0, batch);
+  } else {
+    at::parallel_for(0, batch, grain(batch, block), [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
+      run(begin, end);
+    });
+  }
+}
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-// U S (diagonal or full): folding the core into U once costs O(out·r²), and then
-// y = t (U S)ᵀ is a single GEMM per block. A full core applied to the batch instead,
-// (t Sᵀ) Uᵀ, costs O(batch·r²): cheaper when the batch is smaller than out (OIALR's
-// full-rank cores at training batch sizes).
-bool folds_core(const at::Tensor& S, int64_t batch, int64_t out_features) {
-  return S.dim() == 1 || batch >= out_features;
-}
-
-at::Tensor fold_core(const at::Tensor& U, const at::Tensor& S) {
-  return S.dim() == 1 ? U * S : at::mm(U, S);
-}
 
 }  // namespace
 
@@ -52,134 +202,139 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& bias,
                                                       bool save_t) {
   const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCPU);
-  BelowAutograd below_autograd;
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls
   const auto opts = x.options();
   at::Tensor y = at::empty(linear_output_shape(x, sz.out_features), opts);
   at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
   if (sz.batch == 0) return {y, t};
 
-  const at::Tensor x2 = x.contiguous().view({sz.batch, sz.in_features});
-  const at::Tensor y2 = y.view({sz.batch, sz.out_features});
-  const bool fold = folds_core(S, sz.batch, sz.out_features);
-  const at::Tensor US_T = fold ? fold_core(U, S).t() : U.t();
-  const at::Tensor S_T = S.t();
-  const int64_t block = forward_rows(sz.rank);
+  const Core core = sz.diagonal_core                  ? Core::kScale
+                    : sz.batch >= sz.out_features ? Core::kFolded
+                                                      : Core::kCoreOnBatch;
+  const at::Tensor xc = x.contiguous(), Vc = V.contiguous(), Sc = S.contiguous();
+  const at::Tensor M = core == Core::kFolded ? at::mm(U, S).contiguous() : U.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
 
-  at::parallel_for(0, sz.batch, grain(sz.batch, block), [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_in_worker;
-    at::Tensor scratch = save_t ? at::Tensor() : at::empty({block, sz.rank}, opts);
-    at::Tensor core_scratch = fold ? at::Tensor() : at::empty({block, sz.rank}, opts);
-    for (int64_t row = begin; row < end; row += block) {
-      const int64_t rows = std::min(block, end - row);
-      at::Tensor t_blk = save_t ? t.narrow(0, row, rows) : scratch.narrow(0, 0, rows);
-      at::Tensor y_blk = y2.narrow(0, row, rows);
-      at::mm_out(t_blk, x2.narrow(0, row, rows), V);
-      at::Tensor mixed = t_blk;  // t Sᵀ when the core is not folded into U
-      if (!fold) {
-        mixed = core_scratch.narrow(0, 0, rows);
-        at::mm_out(mixed, t_blk, S_T);
-      }
-      if (has_bias) {
-        at::addmm_out(y_blk, *bias, mixed, US_T);
-      } else {
-        at::mm_out(y_blk, mixed, US_T);
-      }
-    }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_ext_linear_forward_cpu", [&] {
+    const Forward<scalar_t> f{xc.const_data_ptr<scalar_t>(),
+                              Vc.const_data_ptr<scalar_t>(),
+                              Sc.const_data_ptr<scalar_t>(),
+                              M.const_data_ptr<scalar_t>(),
+                              has_bias ? bc.const_data_ptr<scalar_t>() : nullptr,
+                              y.mutable_data_ptr<scalar_t>(),
+                              save_t ? t.mutable_data_ptr<scalar_t>() : nullptr,
+                              sz.in_features,
+                              sz.out_features,
+                              sz.rank,
+                              core};
+    over_blocks<scalar_t>(sz.batch, forward_rows(sz.rank), 2 * sz.rank, 0,
+                          [&](int64_t row, int64_t rows, scalar_t* work) {
+                            f.block(row, rows, work);
+                          });
   });
   return {y, t};
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
+                      const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  return std::get<0>(linear_forward_cpu(x, U, S, V, bias, /*save_t=*/false));
 }
 
 LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& t,
                                 const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
                                 std::array<bool, 5> output_mask) {
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCPU);
-  BelowAutograd below_autograd;
-  const auto [need_dx, need_dU, need_dS, need_dV, need_dbias] = output_mask;
-  const bool need_t = need_dU || need_dS;
-  const bool need_g = need_dS || need_dV || need_dx;  // g = grad_y U
-  const bool need_dt = need_dV || need_dx;            // dt = g S, the gradient of t
-  const bool need_x = need_dV || need_dx || (need_t && t.numel() == 0);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto [need_dx, need_dU, need_dS, need_dV, need_db] = output_mask;
+  const bool recompute_t = (need_dU || need_dS) && t.numel() == 0;
+  const bool need_x = need_dV || recompute_t;
   const auto opts = x.options();
-  const int64_t r = sz.rank;
-  const int64_t block = backward_rows(r);
+  const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : empty_grad(x);
-  // One accumulator per thread for the reductions over the batch, summed at the end.
-  const int64_t slots = at::get_num_threads();
-  auto accumulator = [&](bool needed, at::IntArrayRef shape) {
-    if (!needed) return at::Tensor();
-    std::vector<int64_t> full{slots};
-    full.insert(full.end(), shape.begin(), shape.end());
-    return at::zeros(full, opts);
+  auto grad = [&](bool needed, at::IntArrayRef shape) {
+    // A sum over an empty batch is zero.
+    return !needed ? at::empty({0}, opts) : B == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
-  at::Tensor dU_acc = accumulator(need_dU, U.sizes());
-  at::Tensor dS_acc = accumulator(need_dS, S.sizes());
-  at::Tensor dV_acc = accumulator(need_dV, V.sizes());
-  at::Tensor dbias_acc = accumulator(need_dbias, {sz.out_features});
+  at::Tensor dU = grad(need_dU, U.sizes()), dS = grad(need_dS, S.sizes());
+  at::Tensor dV = grad(need_dV, V.sizes()), db = grad(need_db, {m});
+  if (B == 0) return {dx, dU, dS, dV, db};
 
-  if (sz.batch > 0) {
-    const at::Tensor dy2 = grad_y.contiguous().view({sz.batch, sz.out_features});
-    const at::Tensor x2 = need_x ? x.contiguous().view({sz.batch, sz.in_features}) : at::Tensor();
-    at::Tensor t2;
-    if (need_t) t2 = t.numel() != 0 ? t.contiguous() : at::mm(x2, V);  // t not saved: recompute
-    const at::Tensor dx2 = need_dx ? dx.view({sz.batch, sz.in_features}) : at::Tensor();
-    const at::Tensor S_T = S.dim() == 2 ? S.t() : S;
-    const at::Tensor ones = at::ones({block}, opts);
+  const at::Tensor dyc = grad_y.contiguous();
+  const at::Tensor xc = need_x ? x.contiguous() : at::Tensor();
+  const at::Tensor tc = (need_dU || need_dS) && !recompute_t ? t.contiguous() : at::Tensor();
+  const at::Tensor Uc = U.contiguous(), Sc = S.contiguous(), Vc = V.contiguous();
+  const int64_t block = backward_rows(r);
+  const bool split = split_over_threads(B, block);
+  // Split over threads: one zeroed set of sums per thread, added up at the end.
+  const int64_t slots = split ? at::get_num_threads() : 1;
+  auto partial = [&](bool needed, const at::Tensor& out) {
+    if (!needed || !split) return out;
+    std::vector<int64_t> shape{slots};
+    shape.insert(shape.end(), out.sizes().begin(), out.sizes().end());
+    return at::zeros(shape, opts);
+  };
+  const at::Tensor pU = partial(need_dU, dU), pS = partial(need_dS, dS);
+  const at::Tensor pV = partial(need_dV, dV), pb = partial(need_db, db);
 
-    at::parallel_for(0, sz.batch, grain(sz.batch, block), [&](int64_t begin, int64_t end) {
-      BelowAutograd below_autograd_in_worker;
-      const int64_t slot = at::get_thread_num();
-      at::Tensor g = at::empty({block, r}, opts);
-      at::Tensor work = at::empty({block, r}, opts);  // z = t Sᵀ, then g ⊙ t, then dt
-      for (int64_t row = begin; row < end; row += block) {
-        const int64_t rows = std::min(block, end - row);
-        const at::Tensor dy_blk = dy2.narrow(0, row, rows);
-        at::Tensor g_blk = g.narrow(0, 0, rows);
-        at::Tensor work_blk = work.narrow(0, 0, rows);
-        const at::Tensor t_blk = need_t ? t2.narrow(0, row, rows) : at::Tensor();
-        if (need_dbias) {
-          at::Tensor acc = dbias_acc[slot];
-          at::addmv_out(acc, acc, dy_blk.t(), ones.narrow(0, 0, rows));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_ext_linear_backward_cpu", [&] {
+    using T = scalar_t;
+    const Backward<T> b{dyc.const_data_ptr<T>(),
+                        need_x ? xc.const_data_ptr<T>() : nullptr,
+                        tc.defined() ? tc.const_data_ptr<T>() : nullptr,
+                        Uc.const_data_ptr<T>(),
+                        Sc.const_data_ptr<T>(),
+                        Vc.const_data_ptr<T>(),
+                        need_dx ? dx.mutable_data_ptr<T>() : nullptr,
+                        n,
+                        m,
+                        r,
+                        sz.diagonal_core,
+                        need_dx,
+                        need_dU,
+                        need_dS,
+                        need_dV,
+                        need_db};
+    auto slot_sums = [&](int64_t slot) {
+      Sums<T> s;
+      auto at_slot = [&](bool needed, const at::Tensor& p, int64_t size) -> T* {
+        return needed ? p.mutable_data_ptr<T>() + slot * size : nullptr;
+      };
+      s.dU = at_slot(need_dU, pU, m * r);
+      s.dS = at_slot(need_dS, pS, S.numel());
+      s.dV = at_slot(need_dV, pV, n * r);
+      s.db = at_slot(need_db, pb, m);
+      s.first = !split;  // thread partials start at zero and are always added to
+      return s;
+    };
+    if (!split) {
+      Sums<T> sums = slot_sums(0);
+      over_blocks<T>(B, block, 3 * r + 1, 0, [&](int64_t row, int64_t rows, T* work) {
+        b.block(row, rows, work, sums);
+      });
+    } else {
+      at::parallel_for(0, B, grain(B, block), [&](int64_t begin, int64_t end) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
+        Sums<T> sums = slot_sums(at::get_thread_num());
+        auto work = scratch<T>(std::min(block, end - begin) * (3 * r + 1));
+        for (int64_t row = begin; row < end; row += block) {
+          b.block(row, std::min(block, end - row), work.get(), sums);
         }
-        if (need_dU) {  // dU += dyᵀ z with z = t Sᵀ
-          if (sz.diagonal_core) at::mul_out(work_blk, t_blk, S);
-          else at::mm_out(work_blk, t_blk, S_T);
-          at::Tensor acc = dU_acc[slot];
-          at::addmm_out(acc, acc, dy_blk.t(), work_blk);
-        }
-        if (need_g) at::mm_out(g_blk, dy_blk, U);
-        if (need_dS) {  // diagonal: dS += Σ_b g ⊙ t; full: dS += gᵀ t
-          at::Tensor acc = dS_acc[slot];
-          if (sz.diagonal_core) {
-            at::mul_out(work_blk, g_blk, t_blk);
-            at::addmv_out(acc, acc, work_blk.t(), ones.narrow(0, 0, rows));
-          } else {
-            at::addmm_out(acc, acc, g_blk.t(), t_blk);
-          }
-        }
-        if (need_dt) {
-          if (sz.diagonal_core) at::mul_out(work_blk, g_blk, S);
-          else at::mm_out(work_blk, g_blk, S);
-          if (need_dV) {
-            at::Tensor acc = dV_acc[slot];
-            at::addmm_out(acc, acc, x2.narrow(0, row, rows).t(), work_blk);
-          }
-          if (need_dx) {
-            at::Tensor dx_blk = dx2.narrow(0, row, rows);
-            at::mm_out(dx_blk, work_blk, V.t());
-          }
-        }
-      }
-    });
+      });
+    }
+  });
+  if (split) {
+    if (need_dU) at::sum_out(dU, pU, 0);
+    if (need_dS) at::sum_out(dS, pS, 0);
+    if (need_dV) at::sum_out(dV, pV, 0);
+    if (need_db) at::sum_out(db, pb, 0);
   }
-  auto reduce = [&](const at::Tensor& acc, const at::Tensor& like) {
-    return acc.defined() ? acc.sum(0) : empty_grad(like);
-  };
-  return {dx, reduce(dU_acc, U), reduce(dS_acc, S), reduce(dV_acc, V), reduce(dbias_acc, U)};
+  return {dx, dU, dS, dV, db};
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("linear", TORCH_FN(linear_cpu));
   m.impl("linear_forward", TORCH_FN(linear_forward_cpu));
   m.impl("linear_backward", TORCH_FN(linear_backward_cpu));
 }

@@ -277,7 +277,13 @@ ProjectOutGrads project_out_backward_cpu(const at::Tensor& grad_Y, const at::Ten
   return {dQ, dX};
 }
 
+at::Tensor project_out_cpu(const at::Tensor& Q, const at::Tensor& X, int64_t passes,
+                           bool normalize) {
+  return std::get<0>(project_out_forward_cpu(Q, X, passes, normalize));
+}
+
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("project_out", TORCH_FN(project_out_cpu));
   m.impl("project_out_forward", TORCH_FN(project_out_forward_cpu));
   m.impl("project_out_backward", TORCH_FN(project_out_backward_cpu));
 }

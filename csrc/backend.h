@@ -1,0 +1,17 @@
+// Which CUDA kernels lowrank_ext::linear runs: a process-wide switch, read on every call.
+#pragma once
+
+namespace lowrank_ext {
+
+enum class CudaKernels : int {
+  kCublas = 0,  // default: cuBLAS GEMMs composed inside the op (tensor cores, every arch)
+  kFused = 1,   // the SIMT fused kernels of cuda/linear.cu (opt-in; no tensor cores)
+};
+
+CudaKernels cuda_kernels();
+void set_cuda_kernels(CudaKernels kernels);
+
+// Name of the CPU GEMM path: "blas" (the BLAS inside libtorch, called directly) or "aten".
+const char* cpu_gemm_path();
+
+}  // namespace lowrank_ext

@@ -1,0 +1,84 @@
+// See blas.h.
+#include "cpu/blas.h"
+
+#include <ATen/ATen.h>
+
+#include <climits>
+
+extern "C" {
+// Fortran BLAS (column-major, arguments by reference, 32-bit integers: the LP64 interface that
+// libtorch itself calls). Weak: absent symbols resolve to null instead of failing the load.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace lowrank_ext::cpu {
+namespace {
+
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*,
+                             const T*, const T*, const int*, const T*, const int*, const T*, T*,
+                             const int*);
+
+template <typename T>
+FortranGemm<T> fortran_gemm();
+template <>
+FortranGemm<float> fortran_gemm<float>() { return &sgemm_; }
+template <>
+FortranGemm<double> fortran_gemm<double>() { return &dgemm_; }
+
+bool fits_int(int64_t v) { return v <= INT_MAX; }
+
+// The same product through ATen, on views of the caller's memory.
+template <typename T>
+void gemm_aten(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, Op op, int64_t rows, int64_t cols, int64_t ld) {
+    T* data = const_cast<T*>(p);  // read only: addmm_out does not write its inputs
+    return op == Op::N ? at::from_blob(data, {rows, cols}, {ld, 1}, opts)
+                       : at::from_blob(data, {cols, rows}, {ld, 1}, opts).t();
+  };
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(c, c, view(A, op_a, m, k, lda), view(B, op_b, k, n, ldb), beta, alpha);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: C = beta · C (BLAS would also accept it; this avoids ld = 0)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const FortranGemm<T> blas = fortran_gemm<T>();
+  if (blas == nullptr || !fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(lda) ||
+      !fits_int(ldb) || !fits_int(ldc)) {
+    gemm_aten(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands, keep the
+  // transpose flags (a row-major matrix read column-major is its own transpose).
+  const char ta = op_b == Op::T ? 'T' : 'N', tb = op_a == Op::T ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  blas(&ta, &tb, &M, &N, &K, &alpha, B, &LDA, A, &LDB, &beta, C, &LDC);
+}
+
+template void gemm<float>(Op, Op, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                          const float*, int64_t, float, float*, int64_t);
+template void gemm<double>(Op, Op, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                           const double*, int64_t, double, double*, int64_t);
+
+const char* cpu_blas_name() {
+  return fortran_gemm<float>() != nullptr && fortran_gemm<double>() != nullptr ? "blas" : "aten";
+}
+
+}  // namespace lowrank_ext::cpu
