@@ -14,6 +14,12 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+            const int* lda, const float* x, const int* incx, const float* beta, float* y,
+            const int* incy) __attribute__((weak));
+void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a,
+            const int* lda, const double* x, const int* incx, const double* beta, double* y,
+            const int* incy) __attribute__((weak));
 }
 
 namespace lowrank_ext::cpu {
@@ -25,11 +31,54 @@ using FortranGemm = void (*)(const char*, const char*, const int*, const int*, c
                              const int*);
 
 template <typename T>
+using FortranGemv = void (*)(const char*, const int*, const int*, const T*, const T*, const int*,
+                             const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
 FortranGemm<T> fortran_gemm();
 template <>
 FortranGemm<float> fortran_gemm<float>() { return &sgemm_; }
 template <>
 FortranGemm<double> fortran_gemm<double>() { return &dgemm_; }
+template <typename T>
+FortranGemv<T> fortran_gemv();
+template <>
+FortranGemv<float> fortran_gemv<float>() { return &sgemv_; }
+template <>
+FortranGemv<double> fortran_gemv<double>() { return &dgemv_; }
+
+// A product with a single output row or column is a matrix-vector product; BLAS gemm does not
+// always notice, and at one row (batch 1) its setup costs more than the arithmetic.
+template <typename T>
+bool try_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
+              int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const FortranGemv<T> gemv = fortran_gemv<T>();
+  if (gemv == nullptr || (m != 1 && n != 1)) return false;
+  char trans;
+  int rows, cols, ld, inc_x, inc_y;
+  const T *mat, *vec;
+  if (m == 1) {  // c (n) = op(B)ᵀ a: B's rows read column-major, a is row 0 of op(A)
+    mat = B;
+    ld = static_cast<int>(ldb);
+    trans = op_b == Op::N ? 'N' : 'T';
+    rows = static_cast<int>(op_b == Op::N ? n : k);
+    cols = static_cast<int>(op_b == Op::N ? k : n);
+    vec = A;
+    inc_x = op_a == Op::N ? 1 : static_cast<int>(lda);
+    inc_y = 1;
+  } else {  // c (m, as a column with stride ldc) = op(A) b
+    mat = A;
+    ld = static_cast<int>(lda);
+    trans = op_a == Op::N ? 'T' : 'N';
+    rows = static_cast<int>(op_a == Op::N ? k : m);
+    cols = static_cast<int>(op_a == Op::N ? m : k);
+    vec = B;
+    inc_x = op_b == Op::N ? static_cast<int>(ldb) : 1;
+    inc_y = static_cast<int>(ldc);
+  }
+  gemv(&trans, &rows, &cols, &alpha, mat, &ld, vec, &inc_x, &beta, C, &inc_y);
+  return true;
+}
 
 bool fits_int(int64_t v) { return v <= INT_MAX; }
 
@@ -64,6 +113,7 @@ void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A
     gemm_aten(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
+  if (try_gemv(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands, keep the
   // transpose flags (a row-major matrix read column-major is its own transpose).
   const char ta = op_b == Op::T ? 'T' : 'N', tb = op_a == Op::T ? 'T' : 'N';

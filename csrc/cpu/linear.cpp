@@ -16,7 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "cpu/blas.h"
 
@@ -42,10 +44,30 @@ int64_t grain(int64_t batch, int64_t block) {
   return std::max<int64_t>(1, std::min(block, at::divup(batch, at::get_num_threads())));
 }
 
+// Work memory of one thread. Small buffers are kept per thread and reused: a fresh heap block
+// on every call moves glibc's heap top, which then trims and re-faults the pages of the
+// (much larger) gradient outputs on the next call.
 template <typename T>
-std::unique_ptr<T[]> scratch(int64_t elements) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(elements, 1))]);
-}
+class Scratch {
+ public:
+  explicit Scratch(int64_t elements) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(elements, 1)) * sizeof(T);
+    thread_local std::vector<std::max_align_t> kept;
+    if (bytes <= kKeepBytes) {
+      if (kept.size() * sizeof(std::max_align_t) < bytes) kept.resize(kKeepBytes / sizeof(std::max_align_t));
+      data_ = reinterpret_cast<T*>(kept.data());
+    } else {
+      owned_.reset(new T[bytes / sizeof(T)]);
+      data_ = owned_.get();
+    }
+  }
+  T* get() const { return data_; }
+
+ private:
+  static constexpr size_t kKeepBytes = size_t{1} << 20;
+  std::unique_ptr<T[]> owned_;
+  T* data_ = nullptr;
+};
 
 // How the core meets the batch in the forward.
 //   kScale: diagonal S scales t (B·r multiplies; never folded into U, which would cost out·r
@@ -178,7 +200,7 @@ void over_blocks(int64_t batch, int64_t block, int64_t work_per_row, int64_t wor
                  Body&& body) {
   auto run = [&](int64_t begin, int64_t end) {
     const int64_t rows_max = std::min(block, end - begin);
-    auto work = scratch<T>(rows_max * work_per_row + work_fixed);
+    const Scratch<T> work(rows_max * work_per_row + work_fixed);
     for (int64_t row = begin; row < end; row += block) {
       body(row, std::min(block, end - row), work.get());
     }
@@ -317,7 +339,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
       at::parallel_for(0, B, grain(B, block), [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
         Sums<T> sums = slot_sums(at::get_thread_num());
-        auto work = scratch<T>(std::min(block, end - begin) * (3 * r + 1));
+        const Scratch<T> work(std::min(block, end - begin) * (3 * r + 1));
         for (int64_t row = begin; row < end; row += block) {
           b.block(row, std::min(block, end - row), work.get(), sums);
         }
