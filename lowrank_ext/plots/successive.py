@@ -13,8 +13,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from .landscape import Landscape
-from .successive import SuccessiveHistory
+from ..analysis.landscape import Landscape
+from ..training.successive import SuccessiveHistory
 
 __all__ = ["plot_group_norms", "plot_landscapes", "plot_loss_curve"]
 
@@ -29,7 +29,7 @@ def _new_figure(**kwargs):
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(
-            "lowrank_ext.successive_plots needs matplotlib: pip install lowrank_ext[plot]"
+            "lowrank_ext.plots.successive needs matplotlib: pip install lowrank_ext[plot]"
         ) from error
     figure = Figure(**kwargs)
     FigureCanvasAgg(figure)
