@@ -16,22 +16,14 @@ from pathlib import Path
 import torch
 
 from ..analysis.spectral import LayerSpectrum, SpectralReport, marchenko_pastur_density
+from ._canvas import new_figure
 
 # σ/σ_max at or below this is drawn at this value on log axes (exact zeros included).
 RELATIVE_FLOOR = 1e-17
 
 
 def _figure(width: float = 6.4, height: float = 4.0):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(
-            "lowrank_ext.plots.spectral needs matplotlib: pip install lowrank_ext[plot]"
-        ) from err
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return new_figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _save(figure, path) -> Path:
