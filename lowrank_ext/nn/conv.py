@@ -198,11 +198,7 @@ class LowRankConv2d(FactoredModule):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._copy_into_dense(conv, weight)
 
     def _repr_shape(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"

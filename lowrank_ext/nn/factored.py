@@ -83,7 +83,7 @@ class FactoredModule(nn.Module):
     """A module whose weight is W = U S Vᵀ (out_features × in_features) of rank r.
 
     Args:
-        in_features, out_features: the sizes of the matrix W (checked by the subclass).
+        in_features, out_features: the sizes of the matrix W (as nn.Linear's).
         rank: r, in [1, min(in_features, out_features)].
         bias: learn an additive bias of out_features entries.
         core: "diag" (S is a vector of r scales) or "full" (S is a trainable r×r matrix).
@@ -116,6 +116,8 @@ class FactoredModule(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        in_features = _check_features("in_features", in_features)
+        out_features = _check_features("out_features", out_features)
         rank = _check_rank(rank, in_features, out_features)
         if core not in _CORES:
             raise ValueError(f"argument 'core' must be one of {_CORES}, got {core!r}")
@@ -312,6 +314,14 @@ class FactoredModule(nn.Module):
             self.S.copy_(sigma[:rank] if self.core == "diag" else torch.diag(sigma[:rank]))
             if bias is not None:
                 self.bias.copy_(bias)
+
+    def _copy_into_dense(self, dense: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """`dense` (the dense module a to_* method built) with `weight` and the bias copied in."""
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
 
     def _repr_shape(self) -> str:
         """The leading fields of extra_repr: the sizes (a subclass's)."""

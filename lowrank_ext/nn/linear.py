@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .factored import FactoredModule, _check_features, _truncated_svd
+from .factored import FactoredModule, _truncated_svd
 
 
 class LowRankLinear(FactoredModule):
@@ -23,31 +23,10 @@ class LowRankLinear(FactoredModule):
     is initialized as nn.Linear's. The dense W is never formed in forward or backward; `.weight`
     builds it on demand for tools that read it.
 
-    The factors, their initialization, rank growth (`grow`, `freeze`) and the checkpoint layout
-    (a state_dict saved at one rank loads into a module built at another) are those of
-    `FactoredModule` (lowrank_ext/nn/factored.py), documented there.
+    The constructor, the factors, their initialization, rank growth (`grow`, `freeze`) and the
+    checkpoint layout (a state_dict saved at one rank loads into a module built at another) are
+    those of `FactoredModule` (lowrank_ext/nn/factored.py), documented there.
     """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        *,
-        core: str = "diag",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
-            _check_features("in_features", in_features),
-            _check_features("out_features", out_features),
-            rank,
-            bias,
-            core=core,
-            device=device,
-            dtype=dtype,
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, S, V = self.factors()
@@ -99,8 +78,4 @@ class LowRankLinear(FactoredModule):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return self._copy_into_dense(linear, weight)
