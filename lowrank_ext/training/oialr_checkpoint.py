@@ -32,15 +32,14 @@ def check_state(state, delay: int, config: dict) -> tuple[int, bool, dict, list]
         )
     saved = state["config"]
     if not isinstance(saved, dict) or saved != config:
-        mine = config
         differing = (
-            sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             if isinstance(saved, dict)
             else "all"
         )
         raise ValueError(
             f"OIALR.load_state_dict: the checkpoint was made with other settings "
-            f"({differing}): saved {saved!r}, this OIALR has {mine!r}"
+            f"({differing}): saved {saved!r}, this OIALR has {config!r}"
         )
     ranks, history = state["ranks"], state["history"]
     if not isinstance(ranks, dict) or not all(
