@@ -39,8 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_ext import LowRankLinear
-from lowrank_ext.landscape import Landscape, loss_landscape
-from lowrank_ext.successive import GrowthSchedule, SuccessiveHistory, fit_successive
+from lowrank_ext.analysis.landscape import Landscape, loss_landscape
+from lowrank_ext.training.successive import GrowthSchedule, SuccessiveHistory, fit_successive
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "california_housing.csv.gz"
@@ -271,7 +271,7 @@ def summarize(results: list[dict], config: dict) -> str:
 def draw_figures(results: list[dict], config: dict, out: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
-    from lowrank_ext.successive_plots import plot_group_norms, plot_landscapes, plot_loss_curve
+    from lowrank_ext.plots.successive import plot_group_norms, plot_landscapes, plot_loss_curve
 
     first = next(r for r in results if r["seed"] == 0)
     history = SuccessiveHistory.from_json(first["successive"]["history"])

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lowrank_ext
+from lowrank_ext.plots.oialr import plot_rank_history
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent / "bench"  # bench/rebuild_w.py: the rebuild-W baseline
@@ -310,32 +311,16 @@ def draw_figures(results: dict, out: Path) -> list[Path]:
     delay = results["delay_steps"]
     paths = []
 
-    figure = Figure(figsize=(4.2 * len(names), 3.6))
-    for index, name in enumerate(names):
-        ax = figure.add_subplot(1, len(names), index + 1)
-        run = results["models"][name]["oialr"][0]
-        history = run["rank_history"]
-        styles = ("-", "--", "-.", ":")
-        for number, layer in enumerate(history[0]["ranks"] if history else []):
-            steps = [0] + [h["step"] for h in history] + [run["steps"]]
-            full = history[0]["ranks"][layer]
-            ranks = [full] + [h["ranks"][layer] for h in history] + [history[-1]["ranks"][layer]]
-            ax.step(
-                steps,
-                ranks,
-                where="post",
-                linestyle=styles[number % len(styles)],
-                label=f"{short(layer)} (full {full})",
-            )
-        ax.axvline(delay, color="grey", linestyle="--", linewidth=1, label="conversion")
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("rank")
-        ax.set_title(f"{name}: rank per layer (seed 0)")
-        ax.legend(fontsize="small")
-    figure.tight_layout()
+    runs = {
+        f"{name}: rank per layer (seed 0)": results["models"][name]["oialr"][0] for name in names
+    }
     paths.append(out / "oialr_ranks.png")
-    figure.savefig(paths[-1], dpi=100)
+    plot_rank_history(
+        {title: run["rank_history"] for title, run in runs.items()},
+        paths[-1],
+        end_steps={title: run["steps"] for title, run in runs.items()},
+        label=short,
+    )
 
     figure = Figure(figsize=(4.2 * len(names), 3.6))
     for index, name in enumerate(names):

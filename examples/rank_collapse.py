@@ -38,7 +38,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from lowrank_ext import spectral, spectral_plots
+from lowrank_ext import spectral
+from lowrank_ext.plots import spectral as spectral_plots
 
 FC_LAYERS = ("fc1", "fc2")
 FULL = {"epochs": 40, "seeds": 5, "l2_grid": [0.0, 1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1]}

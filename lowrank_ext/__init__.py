@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
 
-from . import landscape, reference, spectral, successive
-from .attention import LowRankMultiheadAttention
-from .conv import LowRankConv2d
-from .convert import convert, merge, ranks
-from .nn import LowRankLinear
-from .oialr import OIALR
+from . import analysis, nn, plots, reference, training
+from .analysis import landscape, spectral
+from .nn import LowRankConv2d, LowRankLinear, LowRankMultiheadAttention, convert, merge, ranks
 from .ops import BUILD_CONFIG, linear, project_out
+from .training import OIALR, successive
 from .version import __version__
+
+# The modules' paths in the flat layout of 0.1, before the sub-packages: models pickled whole
+# name their classes by them (lowrank_ext.conv.LowRankConv2d, ...) and user code imports them,
+# so each stays an alias of the module that holds its code now. No file of its own: the tree
+# shows only the layers. (lowrank_ext.nn is a package that still exports LowRankLinear.)
+_MOVED = {
+    "attention": "nn.attention",
+    "conv": "nn.conv",
+    "convert": "nn.convert",
+    "landscape": "analysis.landscape",
+    "oialr": "training.oialr",
+    "optimizer_state": "training.optimizer_state",
+    "spectral": "analysis.spectral",
+    "spectral_plots": "plots.spectral",
+    "successive": "training.successive",
+    "successive_plots": "plots.successive",
+}
+for _old, _new in _MOVED.items():
+    _module = importlib.import_module(f"{__name__}.{_new}")
+    sys.modules[f"{__name__}.{_old}"] = _module
+    if _old not in globals():  # `convert` stays the function
+        globals()[_old] = _module
+del _old, _new, _module
 
 __all__ = [
     "LowRankConv2d",
@@ -19,16 +43,20 @@ __all__ = [
     "LowRankMultiheadAttention",
     "OIALR",
     "__version__",
+    "analysis",
     "build_info",
     "convert",
     "landscape",
     "linear",
     "merge",
+    "nn",
+    "plots",
     "project_out",
     "ranks",
     "reference",
     "spectral",
     "successive",
+    "training",
 ]
 
 

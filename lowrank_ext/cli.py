@@ -132,7 +132,7 @@ def demo_model():
 def _analyze(args) -> int:
     import torch
 
-    from lowrank_ext import spectral
+    from lowrank_ext.analysis import spectral
 
     try:
         if args.demo:
@@ -151,7 +151,7 @@ def _analyze(args) -> int:
             name=Path(source).stem,
         )
         if args.plot is not None:
-            from lowrank_ext import spectral_plots
+            from lowrank_ext.plots import spectral as spectral_plots
 
             spectral_plots.save_report_figures(report, args.plot)
     except (CheckpointError, ValueError, TypeError, ImportError) as err:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_ext.attention import LowRankMultiheadAttention
+from lowrank_ext.nn import LowRankMultiheadAttention
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank_ext import reference
-from lowrank_ext.conv import LowRankConv2d
+from lowrank_ext.nn import LowRankConv2d
 
 F64 = torch.float64
 

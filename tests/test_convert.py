@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from lowrank_ext import LowRankLinear
-from lowrank_ext.attention import LowRankMultiheadAttention
-from lowrank_ext.conv import LowRankConv2d
-from lowrank_ext.convert import convert, merge, ranks
+from lowrank_ext.nn import LowRankConv2d, LowRankMultiheadAttention, convert, merge, ranks
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)

@@ -496,3 +496,38 @@ def test_oialr_accepts_wrapped_models():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     oialr = OIALR(torch.compile(model), opt, delay=0, frequency=1)
     assert oialr.model is model and isinstance(model[0], LowRankLinear)
+
+
+def test_rank_history_figure(tmp_path):
+    from lowrank_ext.plots.oialr import plot_rank_history
+
+    model, opt, oialr, data = _setup(cutoff=0.6)
+    _train(model, opt, oialr, data, 11)
+    assert len(oialr.history) >= 3 and oialr.history[0]["step"] == 2
+    figure = plot_rank_history(
+        {"mlp": oialr.history, "again": oialr.history},
+        tmp_path / "ranks.png",
+        end_steps={"mlp": 11},
+        label=lambda name: f"layer {name}",
+    )
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first, second = figure.axes
+    assert [first.get_title(), second.get_title()] == ["mlp", "again"]
+    lines = first.get_lines()
+    full = oialr.history[0]["ranks"]
+    assert [line.get_label() for line in lines[:-1]] == [
+        f"layer {n} (full {r})" for n, r in full.items()
+    ]
+    assert lines[-1].get_label() == "conversion" and list(lines[-1].get_xdata()) == [2, 2]
+    steps = [0] + [entry["step"] for entry in oialr.history]
+    assert list(lines[0].get_xdata()) == [*steps, 11]
+    assert list(second.get_lines()[0].get_xdata()) == [
+        *steps,
+        steps[-1],
+    ]  # default end: last update
+    ranks = [entry["ranks"]["0"] for entry in oialr.history]
+    assert list(lines[0].get_ydata()) == [ranks[0], *ranks, ranks[-1]]
+    with pytest.raises(ValueError, match="non-empty OIALR.history"):
+        plot_rank_history({"before conversion": []})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        plot_rank_history(oialr.history)

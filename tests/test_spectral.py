@@ -515,7 +515,7 @@ def test_report_indexing(report):
 
 
 def test_figures_are_written(tmp_path, report):
-    from lowrank_ext import spectral_plots
+    from lowrank_ext.plots import spectral as spectral_plots
 
     paths = spectral_plots.save_report_figures(report, tmp_path)
     assert {p.relative_to(tmp_path).as_posix() for p in paths} == {
@@ -533,7 +533,7 @@ def test_figures_are_written(tmp_path, report):
 
 
 def test_figures_without_matplotlib_say_how_to_install(monkeypatch, tmp_path, report):
-    from lowrank_ext import spectral_plots
+    from lowrank_ext.plots import spectral as spectral_plots
 
     for module in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, module)

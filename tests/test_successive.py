@@ -1,5 +1,6 @@
-"""lowrank_ext.successive, landscape and successive_plots: growth of whole models, the optimizer
-kept in step, the schedule and its records, the noise rank, landscapes and figures."""
+"""lowrank_ext.training.successive, analysis.landscape and plots.successive: growth of whole
+models, the optimizer kept in step, the schedule and its records, the noise rank, landscapes and
+figures."""
 
 import math
 import sys
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 
 from lowrank_ext import LowRankLinear
-from lowrank_ext.conv import LowRankConv2d
-from lowrank_ext.landscape import filter_normalized_direction, loss_landscape
-from lowrank_ext.successive import (
+from lowrank_ext.analysis.landscape import filter_normalized_direction, loss_landscape
+from lowrank_ext.nn import LowRankConv2d
+from lowrank_ext.training.successive import (
     GrowthSchedule,
     SuccessiveHistory,
     fit_successive,
@@ -421,7 +422,7 @@ def recorded_history():
 
 
 def test_figures_draw_the_recorded_numbers(tmp_path):
-    from lowrank_ext import successive_plots
+    from lowrank_ext.plots import successive as successive_plots
 
     model, history = recorded_history()
     figure = successive_plots.plot_loss_curve(history, tmp_path / "loss.png")
@@ -444,7 +445,7 @@ def test_figures_draw_the_recorded_numbers(tmp_path):
 
 
 def test_figures_name_the_extra_when_matplotlib_is_missing(monkeypatch):
-    from lowrank_ext import successive_plots
+    from lowrank_ext.plots import successive as successive_plots
 
     _, history = recorded_history()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -5,7 +5,8 @@
     python tools/check_wheel.py refuses               # built for another torch: clear ImportError
     python tools/check_wheel.py refuses --cpu-only-torch
 
-`installed`: lowrank_ext is imported from site-packages (not a source tree); its version carries
+`installed`: lowrank_ext is imported from site-packages (not a source tree) and holds every
+Python module of the source tree's lowrank_ext/ (its sub-packages included); its version carries
 the label for the running torch; every op has CPU kernels, and CUDA kernels exactly when the
 wheel is a CUDA one; a CUDA wheel holds a cubin of every csrc/cuda/*.cu for every listed arch
 and PTX for the +PTX one (read with cuobjdump); the CPU kernel agrees with the reference.
@@ -91,6 +92,10 @@ def installed(kind: str, archs: str, cuobjdump: str | None) -> None:
     site = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
     if package.parent not in site:
         fail(f"lowrank_ext was imported from {package}, not from site-packages {sorted(site)}")
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lowrank_ext").rglob("*.py")}
+    shipped = {p.relative_to(package.parent).as_posix() for p in package.rglob("*.py")}
+    if sources - shipped:  # e.g. a sub-package that pyproject's package list does not find
+        fail(f"the wheel lacks the package's modules {sorted(sources - shipped)}")
     version = importlib.metadata.version("lowrank_ext")
     wanted = f"{lowrank_ext.__version__}+{expected_label(torch, kind)}"
     if version != wanted:

@@ -1,4 +1,5 @@
-"""Figures of a `lowrank_ext.spectral` report: σ_min histogram, σ spectra, ESD with the MP law.
+"""Figures of a `lowrank_ext.analysis.spectral` report: σ_min histogram, σ spectra, ESD with the
+MP law.
 
 Needs matplotlib (`pip install lowrank_ext[plot]`). Figures are drawn on matplotlib's Agg canvas
 through `matplotlib.figure.Figure`, so the caller's pyplot backend and state are left alone.
@@ -14,23 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .spectral import LayerSpectrum, SpectralReport, marchenko_pastur_density
+from ..analysis.spectral import LayerSpectrum, SpectralReport, marchenko_pastur_density
+from ._canvas import new_figure
 
 # σ/σ_max at or below this is drawn at this value on log axes (exact zeros included).
 RELATIVE_FLOOR = 1e-17
 
 
 def _figure(width: float = 6.4, height: float = 4.0):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(
-            "lowrank_ext.spectral_plots needs matplotlib: pip install lowrank_ext[plot]"
-        ) from err
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return new_figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _save(figure, path) -> Path:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .conv import _linear_over
-from .nn import LowRankLinear, _check_features
+from .. import ops
+from .factored import _check_features
+from .linear import LowRankLinear
 
 _IN_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -408,6 +408,19 @@ class LowRankMultiheadAttention(nn.Module):
             extras.append("add_zero_attn=True")
         extras.append(f"batch_first={self.batch_first}")
         return ", ".join(extras)
+
+
+def _linear_over(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `weight` (out, in) and `bias` without copying them.
+
+    Hands each projection's weight (a slice of a packed projection) to
+    `LowRankLinear.from_linear`, so every projection factorizes with its SVD and rank rules.
+    """
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
 
 
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ run factored (`lowrank_ext.ops.linear`, two convolutions for LowRankConv2d), so 
 costs O((in + out)·r) per sample.
 
 The optimizer's state follows every change of parametrization (`state_mode`):
-- "rotate": moments are carried into the new coordinates (`lowrank_ext.optimizer_state`):
+- "rotate": moments are carried into the new coordinates (`lowrank_ext.training.optimizer_state`):
   exactly for those linear in the gradient (momentum, Adam's exp_avg), so that a pure rotation
   followed by a step equals the step in the old coordinates; for squared ones (exp_avg_sq) as
   the diagonal of the rotated covariance, exact once S is diagonal (the rotation is then a
@@ -41,24 +41,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..nn import convert
 from . import optimizer_state
-from .attention import LowRankMultiheadAttention
-from .conv import LowRankConv2d
-from .convert import (
-    ALL_LINEAR,
-    _attention_internals,
-    _check_convertible,
-    _match,
-    _targets,
-    convert,
+from .oialr_checkpoint import STATE_VERSION, check_saved_ranks, check_state
+from .oialr_selection import (
+    _dense_factorizations,
+    _dense_weights,
+    _factored_layers,
+    _selection,
+    _share_and_map,
+    _unwrap,
 )
-from .nn import LowRankLinear
 
 __all__ = ["OIALR"]
 
 STATE_MODES = ("rotate", "slice", "reset")
-_FACTORED = (LowRankLinear, LowRankConv2d)
-_STATE_VERSION = 1
 
 
 class OIALR:
@@ -349,7 +346,7 @@ class OIALR:
     def state_dict(self) -> dict:
         """Counters, ranks, settings and history; plain Python objects (safe to torch.save)."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "steps": self.steps,
             "converted": self.converted,
             "ranks": self.ranks(),
@@ -364,7 +361,7 @@ class OIALR:
         leaving everything as it was, when the checkpoint is malformed, was made with other
         settings, or names layers this model does not have.
         """
-        steps, converted, ranks, history = self._check_state(state)
+        steps, converted, ranks, history = check_state(state, self.delay, self._config())
         if self.converted and not converted:
             raise ValueError(
                 "OIALR.load_state_dict: the checkpoint is from dense training (before "
@@ -372,7 +369,7 @@ class OIALR:
                 "freshly built dense model"
             )
         if converted:
-            self._check_saved_ranks(ranks)
+            check_saved_ranks(ranks, self._layer_limits())
             if not self.converted:
                 self._convert(carry_state=False)
             for name, rank in ranks.items():
@@ -394,59 +391,6 @@ class OIALR:
             "to_adopt": list(self._to_adopt),
         }
 
-    def _check_state(self, state) -> tuple[int, bool, dict, list]:
-        if not isinstance(state, dict):
-            raise ValueError(f"OIALR.load_state_dict: expected a dict, got {type(state).__name__}")
-        expected = {"version", "steps", "converted", "ranks", "config", "history"}
-        if set(state) != expected:
-            raise ValueError(
-                f"OIALR.load_state_dict: keys {sorted(state)} are not an OIALR state "
-                f"({sorted(expected)})"
-            )
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"OIALR.load_state_dict: state version {state['version']!r}, this release reads "
-                f"{_STATE_VERSION}"
-            )
-        steps, converted = state["steps"], state["converted"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"OIALR.load_state_dict: 'steps' must be an int >= 0, got {steps!r}")
-        if not isinstance(converted, bool) or converted != (steps >= self.delay):
-            raise ValueError(
-                f"OIALR.load_state_dict: 'converted'={converted!r} disagrees with steps={steps} "
-                f"and delay={self.delay}"
-            )
-        config = state["config"]
-        if not isinstance(config, dict) or config != self._config():
-            mine = self._config()
-            differing = (
-                sorted(k for k in set(config) | set(mine) if config.get(k) != mine.get(k))
-                if isinstance(config, dict)
-                else "all"
-            )
-            raise ValueError(
-                f"OIALR.load_state_dict: the checkpoint was made with other settings "
-                f"({differing}): saved {config!r}, this OIALR has {mine!r}"
-            )
-        ranks, history = state["ranks"], state["history"]
-        if not isinstance(ranks, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-            for k, v in ranks.items()
-        ):
-            raise ValueError(
-                f"OIALR.load_state_dict: 'ranks' must map names to ints, got {ranks!r}"
-            )
-        if converted != bool(ranks):
-            raise ValueError(
-                f"OIALR.load_state_dict: 'ranks' {'missing' if converted else 'present'} in a "
-                f"state with converted={converted}"
-            )
-        if not isinstance(history, list) or not all(
-            isinstance(e, dict) and set(e) == {"step", "ranks"} for e in history
-        ):
-            raise ValueError("OIALR.load_state_dict: 'history' must be a list of {step, ranks}")
-        return steps, converted, dict(ranks), [dict(e, ranks=dict(e["ranks"])) for e in history]
-
     def _layer_limits(self) -> dict[str, int]:
         """{name: full rank} of the layers OIALR trains, or will train once it converts."""
         if self.converted:
@@ -460,23 +404,6 @@ class OIALR:
                 limits[child_name] = min(child.in_features, child.out_features)
         return limits
 
-    def _check_saved_ranks(self, ranks: dict) -> None:
-        """Before changing anything: the saved names and ranks fit this model's layers."""
-        limits = self._layer_limits()
-        if set(ranks) != set(limits):
-            extra = sorted(set(ranks) - set(limits))
-            lacking = sorted(set(limits) - set(ranks))
-            raise ValueError(
-                f"OIALR.load_state_dict: the checkpoint's layers differ from this model's "
-                f"(only in the checkpoint: {extra}; only in the model: {lacking})"
-            )
-        for name, rank in ranks.items():
-            limit = limits[name]
-            if not 1 <= rank <= limit:
-                raise ValueError(
-                    f"OIALR.load_state_dict: rank {rank} for {name!r} is outside [1, {limit}]"
-                )
-
     def _resize(self, layer, rank: int) -> None:
         """Give U, S, V the saved rank's shapes (values come from the model's state_dict)."""
         old = layer.S
@@ -488,129 +415,6 @@ class OIALR:
             param = getattr(layer, name)
             setattr(layer, name, nn.Parameter(param.new_zeros(shape), param.requires_grad))
         optimizer_state.replace(self.optimizer, old, [layer.S])
-
-
-# -------------------------------------------------------------------- module selection
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel or torch.compile wrapper."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return _unwrap(model.module)
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(inner, nn.Module):
-        return _unwrap(inner)
-    return model
-
-
-def _selection(model, target_modules, exclude_modules, keep_last_dense) -> tuple[list, list]:
-    """(dense modules to convert, low-rank core='full' modules to adopt), by qualified name."""
-    modules = {name: module for name, module in model.named_modules() if name}
-    internal = _attention_internals(modules)
-    low_rank = (*_FACTORED, LowRankMultiheadAttention)
-    # the projections of a low-rank attention module go with it, as convert's out_proj does
-    attention = tuple(
-        f"{name}." for name, m in modules.items() if isinstance(m, LowRankMultiheadAttention)
-    )
-    inside_low_rank = {name for name in modules if attention and name.startswith(attention)}
-    if target_modules is None and not keep_last_dense:
-        targets = [
-            name
-            for name, module in modules.items()
-            if name not in internal
-            and isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
-            and getattr(module, "groups", 1) == 1
-        ]
-    elif target_modules is None or target_modules == ALL_LINEAR:
-        targets = _targets(model, modules, internal, target_modules)
-    else:
-        targets = _match(target_modules, list(modules), "target_modules")
-    if target_modules is None or target_modules == ALL_LINEAR:
-        targets += [
-            name
-            for name, module in modules.items()
-            if isinstance(module, low_rank)
-            and name not in inside_low_rank
-            and (target_modules is None or not isinstance(module, LowRankConv2d))
-        ]
-    if exclude_modules is not None:
-        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
-        targets = [name for name in targets if name not in excluded]
-    to_convert, to_adopt = [], []
-    for name in targets:
-        module = modules[name]
-        if isinstance(module, low_rank):
-            for child_name, child in _factored_layers(name, module):
-                if child.core != "full" or child.frozen_rank:
-                    raise ValueError(
-                        f"OIALR trains low-rank layers with core='full' and no frozen "
-                        f"components; {child_name!r} has core={child.core!r}, "
-                        f"frozen={child.frozen_rank} (exclude it, or convert from dense)"
-                    )
-            to_adopt.append(name)
-        else:
-            _check_convertible(name, module, internal)
-            to_convert.append(name)
-    return to_convert, to_adopt
-
-
-def _factored_layers(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The LowRankLinear/LowRankConv2d layers a converted module consists of."""
-    if isinstance(module, _FACTORED):
-        return [(name, module)]
-    return [
-        (f"{name}.{child_name}", child)
-        for child_name, child in module.named_children()
-        if isinstance(child, _FACTORED)
-    ]
-
-
-def _dense_factorizations(module: nn.Module) -> dict[str, torch.Tensor]:
-    """{name suffix of the low-rank layer it becomes: the dense weight it factorizes}."""
-    if not isinstance(module, nn.MultiheadAttention):
-        return {"": module.weight}
-    if module._qkv_same_embed_dim:
-        weights = {".in_proj": module.in_proj_weight}
-    else:
-        weights = {f".{n}": getattr(module, f"{n}_weight") for n in ("q_proj", "k_proj", "v_proj")}
-    return {**weights, ".out_proj": module.out_proj.weight}
-
-
-def _dense_weights(modules) -> list[torch.Tensor]:
-    return [w for module in modules for w in _dense_factorizations(module).values()]
-
-
-def _share_and_map(old: nn.Module, new: nn.Module) -> list[tuple[nn.Parameter, list]]:
-    """Make `new` reuse old's bias Parameters, and map each old parameter that is replaced to
-    its successors: [(old, [(new_param, how)])], how = ("project", U, V) or ("chunk", i, n)."""
-    if isinstance(old, nn.MultiheadAttention):
-        pairs = [(old.out_proj, new.out_proj, old.out_proj.weight)]
-        if new.packed_in_proj:
-            _share_bias(new.in_proj, old.in_proj_bias)
-            pairs.append((None, new.in_proj, old.in_proj_weight))
-            transfers = []
-        else:
-            names = ("q_proj", "k_proj", "v_proj")
-            layers = [getattr(new, n) for n in names]
-            pairs += [(None, layer, getattr(old, f"{n}_weight")) for n, layer in zip(names, layers)]
-            transfers = []
-            if old.in_proj_bias is not None:
-                chunks = [(layer.bias, ("chunk", i, 3)) for i, layer in enumerate(layers)]
-                transfers.append((old.in_proj_bias, chunks))
-        for dense_linear, layer, weight in pairs:
-            if dense_linear is not None:
-                _share_bias(layer, dense_linear.bias)
-            transfers.append((weight, [(layer.S, ("project", layer.U, layer.V))]))
-        if old.bias_k is not None:
-            new.bias_k, new.bias_v = old.bias_k, old.bias_v
-        return transfers
-    _share_bias(new, old.bias)
-    return [(old.weight, [(new.S, ("project", new.U, new.V))])]
-
-
-def _share_bias(layer: nn.Module, bias) -> None:
-    if bias is not None:
-        layer.bias = bias  # the same Parameter: its optimizer state stays where it is
 
 
 # -------------------------------------------------------------------- small helpers

@@ -13,34 +13,15 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from .landscape import Landscape
-from .successive import SuccessiveHistory
+from ..analysis.landscape import Landscape
+from ..training.successive import SuccessiveHistory
+from ._canvas import finish, new_figure
 
 __all__ = ["plot_group_norms", "plot_landscapes", "plot_loss_curve"]
 
 # Parameter groups of one low-rank layer, in the order they are drawn.
 _GROUPS = ("U", "V", "S", "bias", "U_frozen", "V_frozen", "S_frozen")
 _RANK_UPDATE_COLOR = "tab:orange"
-
-
-def _new_figure(**kwargs):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            "lowrank_ext.successive_plots needs matplotlib: pip install lowrank_ext[plot]"
-        ) from error
-    figure = Figure(**kwargs)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _finish(figure, path, dpi):
-    figure.tight_layout()
-    if path is not None:
-        figure.savefig(Path(path), dpi=dpi)
-    return figure
 
 
 def _check_history(history) -> None:
@@ -57,7 +38,7 @@ def plot_loss_curve(
 ):
     """Training and validation loss per epoch (log scale), a vertical line at each rank update."""
     _check_history(history)
-    figure = _new_figure(figsize=(7, 4))
+    figure = new_figure(figsize=(7, 4))
     ax = figure.add_subplot()
     epochs = [record.epoch for record in history.epochs]
     ax.plot(epochs, [r.train_loss for r in history.epochs], label="train", color="tab:blue")
@@ -83,7 +64,7 @@ def plot_loss_curve(
     ax.set_ylabel("loss")
     ax.set_title(title or "Successive refinement: loss, rank +1 at each orange line")
     ax.legend()
-    return _finish(figure, path, dpi)
+    return finish(figure, path, dpi)
 
 
 def _layers_of(history: SuccessiveHistory) -> list[str]:
@@ -102,7 +83,7 @@ def plot_group_norms(history: SuccessiveHistory, path: str | Path | None = None,
     layers = _layers_of(history)
     if not layers:
         raise ValueError("argument 'history' holds no finished rank to plot")
-    figure = _new_figure(figsize=(3.6 * len(layers), 5.6))
+    figure = new_figure(figsize=(3.6 * len(layers), 5.6))
     ranks = [record.rank for record in history.ranks]
     for column, layer in enumerate(layers):
         for row, (attr, label) in enumerate(
@@ -118,7 +99,7 @@ def plot_group_norms(history: SuccessiveHistory, path: str | Path | None = None,
             ax.set_ylabel(label)
             ax.set_title(f"layer {layer!r}" if row == 0 else "")
             ax.legend(fontsize="small")
-    return _finish(figure, path, dpi)
+    return finish(figure, path, dpi)
 
 
 def plot_landscapes(
@@ -137,7 +118,7 @@ def plot_landscapes(
         raise ValueError(f"argument 'columns' must be a positive int, got {columns!r}")
     columns = min(columns, len(landscapes))
     rows = math.ceil(len(landscapes) / columns)
-    figure = _new_figure(figsize=(3.0 * columns, 2.7 * rows))
+    figure = new_figure(figsize=(3.0 * columns, 2.7 * rows))
     for index, (title, landscape) in enumerate(landscapes.items()):
         if not isinstance(landscape, Landscape):
             raise TypeError(f"landscapes[{title!r}] must be a Landscape")
@@ -159,4 +140,4 @@ def plot_landscapes(
             ax.set_xlabel("direction 1")
             ax.set_ylabel("log10 loss")
         ax.set_title(title)
-    return _finish(figure, path, dpi)
+    return finish(figure, path, dpi)

@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
-from .nn import LowRankLinear
+from .linear import LowRankLinear
 
 __all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
 

@@ -1,4 +1,13 @@
-"""LowRankLinear: a drop-in for nn.Linear whose weight lives only as W = U S Vᵀ."""
+"""FactoredModule: the base of every module whose weight lives only as W = U S Vᵀ.
+
+It holds what LowRankLinear and LowRankConv2d share: the factors U (out, r), S (r,) or (r, r),
+V (in, r) and the bias; the rank bookkeeping and the initialization; `factors()` as forward uses
+them; rank growth and freezing (successive refinement); the dense view `.weight`; `extra_repr`;
+and the state-dict layout, which records the rank so that a checkpoint saved at one rank loads
+into a module built at another. A subclass adds only its forward, the shape of its dense weight
+(`_weight_shape`), its `extra_repr` fields and its from_*/to_* conversions; in_features and
+out_features are the sizes of the matrix W (for a convolution, in·kh·kw and out).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops, reference
+from .. import ops, reference
 
 _CORES = ("diag", "full")
 _FACTORS = ("U", "S", "V")
@@ -52,19 +61,37 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(fraction, torch.tensor(energy - 1e-12, dtype=fraction.dtype))) + 1
 
 
-class LowRankLinear(nn.Module):
-    """y = x Wᵀ + b with W = U S Vᵀ of rank r, computed as ((x V) Sᵀ) Uᵀ + b by the fused op.
+def _truncated_svd(
+    weight: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[int | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rank, U, σ, V) of the float64 SVD of the 2-D `weight`, untruncated.
+
+    The rank is `rank` as given (the module's constructor checks it), or the smallest holding
+    `energy` of Σσ², or full rank when neither is given.
+    """
+    if rank is not None and energy is not None:
+        raise ValueError("give at most one of the arguments 'rank' and 'energy'")
+    U, sigma, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    if energy is not None:
+        rank = energy_rank(sigma, energy)
+    elif rank is None:
+        rank = sigma.numel()
+    return rank, U, sigma, Vh.mT
+
+
+class FactoredModule(nn.Module):
+    """A module whose weight is W = U S Vᵀ (out_features × in_features) of rank r.
 
     Args:
-        in_features, out_features: as nn.Linear.
+        in_features, out_features: the sizes of the matrix W (as nn.Linear's).
         rank: r, in [1, min(in_features, out_features)].
-        bias: learn an additive bias, as nn.Linear.
+        bias: learn an additive bias of out_features entries.
         core: "diag" (S is a vector of r scales) or "full" (S is a trainable r×r matrix).
 
     Parameters U (out, r) and V (in, r) start orthonormal and S at √(out / (3r)), so that
-    ‖W‖_F² = out/3 as for nn.Linear's default init and outputs have the same variance; the bias
-    is initialized as nn.Linear's. The dense W is never formed in forward or backward; `.weight`
-    builds it on demand for tools that read it.
+    ‖W‖_F² = out/3 as for nn.Linear's default init; the bias is initialized as nn.Linear's. The
+    dense W is never formed in forward or backward; `.weight` builds it on demand for tools that
+    read it.
 
     The state_dict records the rank: loading a checkpoint saved at another rank resizes U, S and
     V to the saved rank (re-create optimizers afterwards: they hold the old parameters).
@@ -89,11 +116,13 @@ class LowRankLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_features("in_features", in_features)
-        self.out_features = _check_features("out_features", out_features)
+        in_features = _check_features("in_features", in_features)
+        out_features = _check_features("out_features", out_features)
         rank = _check_rank(rank, in_features, out_features)
         if core not in _CORES:
             raise ValueError(f"argument 'core' must be one of {_CORES}, got {core!r}")
+        self.in_features = in_features
+        self.out_features = out_features
         self.core = core
         factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
@@ -161,14 +190,15 @@ class LowRankLinear(nn.Module):
         S = scales[0] if len(scales) == 1 else torch.cat(scales)
         return U, S, V
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, S, V = self.factors()
-        return ops.linear(x, U, S, V, self.bias)
+    def _weight_shape(self) -> tuple[int, ...]:
+        """The shape of the dense module's weight (a subclass's; W reshaped to it)."""
+        raise NotImplementedError
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense (out, in) W = U S Vᵀ, built on demand; forward never uses it."""
-        return reference.dense_weight(*self.factors())
+        """The dense weight W = U S Vᵀ in the dense module's shape, built on demand; forward
+        never uses it."""
+        return reference.dense_weight(*self.factors()).reshape(self._weight_shape())
 
     def grow(
         self,
@@ -195,8 +225,9 @@ class LowRankLinear(nn.Module):
             generator: random source for the new directions.
 
         Replaces the parameters U, V and S with new tensors (the bias is kept): tell optimizers,
-        e.g. with `lowrank_ext.successive.update_optimizer`. Only core="diag" layers grow: one
-        singular pair (u, σ, v) is learned at a time. On error the layer is left unchanged.
+        e.g. with `lowrank_ext.training.successive.update_optimizer`. Only core="diag" layers
+        grow: one singular pair (u, σ, v) is learned at a time. On error the layer is left
+        unchanged.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"argument 'k' must be a positive int, got {k!r}")
@@ -273,68 +304,38 @@ class LowRankLinear(nn.Module):
             torch.cat([V[:, :f], Q_v @ R_h.T], dim=1),
         )
 
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        rank: int | None = None,
-        energy: float | None = None,
-        *,
-        core: str = "diag",
-    ) -> LowRankLinear:
-        """Truncated SVD of linear.weight (in float64): exact at full rank to float tolerance.
-
-        Give `rank`, or `energy` to keep the smallest rank holding that fraction of Σσ², or
-        neither for full rank min(in, out).
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
-        if rank is not None and energy is not None:
-            raise ValueError("give at most one of the arguments 'rank' and 'energy'")
-        weight = linear.weight.detach()
-        U, sigma, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-        if energy is not None:
-            rank = energy_rank(sigma, energy)
-        elif rank is None:
-            rank = sigma.numel()
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            core=core,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+    def _copy_svd(self, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, bias) -> None:
+        """Set the factors to the leading `rank` singular triplets (from `_truncated_svd`) and
+        the bias to `bias`."""
+        rank = self.rank
         with torch.no_grad():
-            module.U.copy_(U[:, :rank])
-            module.V.copy_(Vh[:rank].T)
-            module.S.copy_(sigma[:rank] if core == "diag" else torch.diag(sigma[:rank]))
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias)
-        return module
+            self.U.copy_(U[:, :rank])
+            self.V.copy_(V[:, :rank])
+            self.S.copy_(sigma[:rank] if self.core == "diag" else torch.diag(sigma[:rank]))
+            if bias is not None:
+                self.bias.copy_(bias)
 
-    def to_linear(self) -> nn.Linear:
-        """A dense nn.Linear with the same function."""
-        weight = self.weight.detach()  # U may be None (a layer frozen at full rank)
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+    def _copy_into_dense(self, dense: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """`dense` (the dense module a to_* method built) with `weight` and the bias copied in."""
         with torch.no_grad():
-            linear.weight.copy_(weight)
+            dense.weight.copy_(weight)
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def _repr_shape(self) -> str:
+        """The leading fields of extra_repr: the sizes (a subclass's)."""
+        raise NotImplementedError
+
+    def _repr_options(self) -> str:
+        """Fields of extra_repr after the rank (", name=value" each); none by default."""
+        return ""
 
     def extra_repr(self) -> str:
         frozen = f", frozen={self.frozen_rank}" if self.frozen_rank else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, core={self.core!r}, bias={self.bias is not None}{frozen}"
+            f"{self._repr_shape()}, rank={self.rank}{self._repr_options()}, core={self.core!r}, "
+            f"bias={self.bias is not None}{frozen}"
         )
 
     def get_extra_state(self) -> dict:

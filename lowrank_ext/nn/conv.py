@@ -6,23 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from .nn import _CORES, _FROZEN, LowRankLinear, _check_features, _check_rank
+from .factored import FactoredModule, _check_features, _truncated_svd
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _linear_over(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding `weight` (out, in) and `bias` without copying them.
-
-    Hands any 2-D weight (a reshaped conv kernel, a slice of a packed projection) to
-    `LowRankLinear.from_linear`, so every module factorizes with the same SVD and rank rules.
-    """
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return linear
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -38,7 +24,7 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     return tuple(values)
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(FactoredModule):
     """nn.Conv2d (groups=1) whose kernel K, reshaped to W (out, in·kh·kw), is W = U S Vᵀ of rank r.
 
     Run without rebuilding K: a kh×kw convolution of the input to r channels with the kernel
@@ -55,31 +41,13 @@ class LowRankConv2d(nn.Module):
             `rank` are in nn.Conv2d's order.
         core: "diag" (S is a vector of r scales) or "full" (S is a trainable r×r matrix).
 
-    Parameters and buffers mean what they mean in `LowRankLinear` with in_features =
-    in_channels·kh·kw and out_features = out_channels: U (out, r), S (r,) or (r, r),
-    V (in·kh·kw, r), bias (out,), and the frozen components of rank growth (`grow`, `freeze`).
-    The initialization, the `rank` bookkeeping, rank growth and the checkpoint layout (a state
-    dict saved at one rank loads into a module built at another) are LowRankLinear's own code.
-    The default init gives ‖K‖_F² = out/3, as nn.Conv2d's default init does on average.
+    The reshaped kernel is a `FactoredModule`'s W with in_features = in_channels·kh·kw and
+    out_features = out_channels: U (out, r), S (r,) or (r, r), V (in·kh·kw, r), bias (out,), and
+    the frozen components of rank growth (`grow`, `freeze`). The initialization, the `rank`
+    bookkeeping, rank growth and the checkpoint layout (a state dict saved at one rank loads into
+    a module built at another) are FactoredModule's, shared with LowRankLinear. The default init
+    gives ‖K‖_F² = out/3, as nn.Conv2d's default init does on average.
     """
-
-    # The reshaped kernel is a LowRankLinear's W: share its factor bookkeeping as is (it reads
-    # in_features and out_features, set below to the reshaped kernel's sizes).
-    _core_shape = LowRankLinear._core_shape
-    frozen_rank = LowRankLinear.frozen_rank
-    active_rank = LowRankLinear.active_rank
-    rank = LowRankLinear.rank
-    reset_parameters = LowRankLinear.reset_parameters
-    factors = LowRankLinear.factors
-    grow = LowRankLinear.grow
-    freeze = LowRankLinear.freeze
-    _refine = LowRankLinear._refine
-    _frozen_svd = LowRankLinear._frozen_svd
-    get_extra_state = LowRankLinear.get_extra_state
-    set_extra_state = LowRankLinear.set_extra_state
-    _adopt_saved_layout = LowRankLinear._adopt_saved_layout
-    _plain_layout = LowRankLinear._plain_layout
-    _grown_layout = LowRankLinear._grown_layout
 
     def __init__(
         self,
@@ -98,47 +66,46 @@ class LowRankConv2d(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        self.in_channels = _check_features("in_channels", in_channels)
-        self.out_channels = _check_features("out_channels", out_channels)
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
-        self.stride = _pair("stride", stride, 1)
-        self.dilation = _pair("dilation", dilation, 1)
+        in_channels = _check_features("in_channels", in_channels)
+        out_channels = _check_features("out_channels", out_channels)
+        kernel_size = _pair("kernel_size", kernel_size, 1)
+        stride = _pair("stride", stride, 1)
+        dilation = _pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(
                     f"argument 'padding' must be 'same', 'valid', an int or a pair, got {padding!r}"
                 )
-            if padding == "same" and self.stride != (1, 1):
+            if padding == "same" and stride != (1, 1):
                 raise ValueError("argument 'padding': 'same' is not supported with stride != 1")
-            self.padding = padding
         else:
-            self.padding = _pair("padding", padding, 0)
+            padding = _pair("padding", padding, 0)
         if isinstance(groups, bool) or groups != 1:
             raise ValueError(
                 f"argument 'groups' must be 1, got {groups!r}: a grouped kernel is block-diagonal, "
                 "not one low-rank matrix"
             )
-        self.groups = 1
         if padding_mode not in _PADDING_MODES:
             raise ValueError(
                 f"argument 'padding_mode' must be one of {_PADDING_MODES}, got {padding_mode!r}"
             )
+        super().__init__(
+            in_channels * kernel_size[0] * kernel_size[1],
+            out_channels,
+            rank,
+            bias,
+            core=core,
+            device=device,
+            dtype=dtype,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = 1
         self.padding_mode = padding_mode
-        if core not in _CORES:
-            raise ValueError(f"argument 'core' must be one of {_CORES}, got {core!r}")
-        self.core = core
-        self.in_features = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self.out_features = out_channels
-        rank = _check_rank(rank, self.in_features, self.out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_channels, rank, **factory))
-        self.S = nn.Parameter(torch.empty(self._core_shape(rank), **factory))
-        self.V = nn.Parameter(torch.empty(self.in_features, rank, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        for name in _FROZEN:
-            self.register_buffer(name, None)
-        self.reset_parameters()
 
     def _explicit_padding(self) -> tuple[int, int, int, int]:
         """F.pad widths (left, right, top, bottom) for the non-"zeros" padding modes."""
@@ -169,22 +136,9 @@ class LowRankConv2d(nn.Module):
         hidden = F.conv2d(input, basis, None, self.stride, padding, self.dilation)
         return F.conv2d(hidden, mix[:, :, None, None], self.bias)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        problem = self._adopt_saved_layout(state_dict, prefix)
-        if problem:
-            error_msgs.append(problem)
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense kernel (out, in, kh, kw), built on demand; forward never uses it."""
-        W = reference.dense_weight(*self.factors())
-        return W.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+    def _weight_shape(self) -> tuple[int, int, int, int]:
+        """The dense kernel's (out, in, kh, kw)."""
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     @classmethod
     def from_conv2d(
@@ -210,13 +164,12 @@ class LowRankConv2d(nn.Module):
         kernel = conv.weight
         if isinstance(kernel, nn.parameter.UninitializedParameter):
             raise ValueError("argument 'conv' is lazy and not initialized: run a forward first")
-        flat = _linear_over(kernel.reshape(conv.out_channels, -1), conv.bias)
-        factored = LowRankLinear.from_linear(flat, rank, energy, core=core)
+        rank, U, sigma, V = _truncated_svd(kernel.reshape(conv.out_channels, -1), rank, energy)
         module = cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
-            factored.rank,
+            rank,
             conv.stride,
             conv.padding,
             conv.dilation,
@@ -227,10 +180,7 @@ class LowRankConv2d(nn.Module):
             device=kernel.device,
             dtype=kernel.dtype,
         )
-        with torch.no_grad():
-            for name in ("U", "S", "V", "bias"):
-                if getattr(module, name) is not None:
-                    getattr(module, name).copy_(getattr(factored, name))
+        module._copy_svd(U, sigma, V, conv.bias)
         return module
 
     def to_conv2d(self) -> nn.Conv2d:
@@ -248,19 +198,12 @@ class LowRankConv2d(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._copy_into_dense(conv, weight)
 
-    def extra_repr(self) -> str:
-        frozen = f", frozen={self.frozen_rank}" if self.frozen_rank else ""
+    def _repr_shape(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+
+    def _repr_options(self) -> str:
         padding = repr(self.padding) if isinstance(self.padding, str) else self.padding
         mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"rank={self.rank}, stride={self.stride}, padding={padding}, "
-            f"dilation={self.dilation}{mode}, core={self.core!r}, "
-            f"bias={self.bias is not None}{frozen}"
-        )
+        return f", stride={self.stride}, padding={padding}, dilation={self.dilation}{mode}"

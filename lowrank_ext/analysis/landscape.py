@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conv import LowRankConv2d
-from .nn import LowRankLinear
+from ..nn import LowRankConv2d, LowRankLinear
 
 __all__ = ["Landscape", "filter_normalized_direction", "loss_landscape"]
 

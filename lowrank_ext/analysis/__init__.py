@@ -1,0 +1,10 @@
+"""Analysis of trained weights, built on the modules of `lowrank_ext.nn`.
+
+- `spectral`: spectra, ranks and the rank-collapse report (`spectral.analyze`), split into
+  `loading` (which matrices), `metrics` (the measures of one matrix) and `report` (the table).
+- `landscape`: loss landscapes along filter-normalized random directions.
+"""
+
+from . import landscape, spectral
+
+__all__ = ["landscape", "spectral"]
