@@ -215,7 +215,8 @@ class LinearCase:
     @property
     def name(self) -> str:
         batch = "x".join(map(str, self.batch))
-        grads = "+".join(self.grads) if self.grads else "none"
+        grads = [g for g in self.grads if g != "bias" or self.bias]
+        grads = "+".join(grads) if grads else "none"
         kind = "raw" if self.raw else "op"
         tile = "" if self.bm is None else f"/BM{self.bm}"
         return (
@@ -245,7 +246,7 @@ class ProjectOutCase:
 
 def tile_cases(backends, optin_smem: int, quick: bool) -> list[LinearCase]:
     """Every path of pick_tile_rows for every dtype: diagonal core at each segment's largest rank
-    (float32 also at issue 13's ranks), full core at one rank per tile height."""
+    (float32 also at issue 13's ranks), full core at the lowest rank of each tile height."""
     cases = []
     for dtype in DTYPE_NAMES:
         acc = ACC_BYTES[dtype]
@@ -260,11 +261,13 @@ def tile_cases(backends, optin_smem: int, quick: bool) -> list[LinearCase]:
                 s.lo if (s.bm == 1 and s.over_soft) else r
                 for s, r in zip(segments, representative_ranks(acc, optin_smem))
             ]
+        # Full core at the lowest rank of each tile height (r = 1 included): the tiles' shared
+        # memory is the diagonal cases' at the same rank, and an r x r core stays cheap.
         full = []
-        for bm in TILE_ROWS:  # the first segment of each tile height; BM=1 at its lowest rank
+        for bm in TILE_ROWS:
             seg = next((s for s in segments if s.bm == bm), None)
             if seg is not None:
-                full.append(min(seg.lo if bm == 1 else seg.hi, FULL_CORE_MAX_RANK))
+                full.append(min(seg.lo, FULL_CORE_MAX_RANK))
         for backend in backends:
             if quick and backend != "fused" and dtype != "float32":
                 continue  # the composition does not depend on the rank's tile height
@@ -566,6 +569,7 @@ class Runner:
             or self.device != "cuda"
             or case.bm is None
             or self.profiler_works is False
+            or (case.backend != "fused" and case.dtype != "float32")  # one dtype shows enough
         ):
             return fn()
         try:

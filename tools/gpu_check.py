@@ -357,6 +357,9 @@ class Check:
                 return False
             if rc != 0:
                 res.status, res.detail = "FAIL", f"exit {rc}: {' '.join(map(str, cmd[:6]))}"
+                error = last_error_line(log)
+                if error:
+                    res.detail += f"; {error}"
                 return False
         res.status = "PASS"
         return True
@@ -514,6 +517,17 @@ class Check:
             return self.args.prune_logs == "yes"
         out_env = os.environ.get("OUT")
         return bool(out_env) and Path(out_env).resolve() in (self.out, *self.out.parents)
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of the log's end that names an error, shortened (for the table)."""
+    lines = log.read_text(errors="replace").splitlines()[-300:]
+    for line in reversed(lines):
+        if re.search(r"\b(error|Error|ERROR|FAILED|Traceback)\b", line) and not line.startswith(
+            "#"
+        ):
+            return line.strip()[:160]
+    return ""
 
 
 def junit_counts(path: Path) -> str:
