@@ -197,7 +197,7 @@ def test_deterministic_run_to_run(backend, dtype, rank, core):
 @pytest.mark.parametrize("graph_rank, eager_rank", [(288, 32), (32, 288)])
 def test_cuda_graph_replay_after_an_eager_call_at_another_rank(backend, graph_rank, eager_rank):
     """D1 of issue 13: the fused kernels' dynamic shared-memory limit is a process-wide attribute
-    of each kernel. In float32 both ranks take BM=64 tiles, 90 KiB at r=288 and 25 KiB at r=32:
+    of each kernel. In float32 both ranks take BM=64 tiles, 89 KiB at r=288 and 25 KiB at r=32:
     a graph captured at one rank must still replay after an eager call at the other."""
     args = make_factors((67,), 48, 40, graph_rank, core="full", device="cuda", dtype=torch.float32)
     static = [t.detach().clone().requires_grad_() for t in args]
@@ -234,7 +234,7 @@ def test_cuda_graph_replay_after_an_eager_call_at_another_rank(backend, graph_ra
 
 def test_four_host_threads_at_once(backend):
     """Four host threads, each on its own stream, call the op at once at four ranks (float32
-    BM=64 tiles with 25 to 90 KiB of shared memory: D1's process-wide attribute races)."""
+    BM=64 tiles with 25 to 89 KiB of shared memory: D1's process-wide attribute races)."""
     ranks = (32, 288, 64, 256)
     problems = [make_factors((67,), 48, 40, r, dtype=torch.float32, device="cuda") for r in ranks]
     dys = [torch.randn(67, 40, device="cuda") for _ in ranks]

@@ -269,7 +269,7 @@ class Check:
             return [(pip + ["--no-index", "-v", "-e", "."], env), verify]
         if name == "tests":
             cmd = [PYTHON, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rfEs"]
-            cmd += ["--maxfail=10", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=100"]
+            cmd += ["--maxfail=30", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=100"]
             cmd += [f"--junitxml={logs / 'tests.xml'}"]
             return [(cmd, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})]
         if name == "reach":
