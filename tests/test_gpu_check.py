@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -78,7 +80,9 @@ def test_dry_run_of_a_subset_without_the_build(tmp_path):
     assert out.returncode == 0, out.stderr
     headers = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line[:1] == "["]
     assert headers == ["build", "tests", "bench"]  # the run's order, not the command line's
-    assert "pip install" not in out.stdout  # --skip-build: only build_info is checked
+    commands = [line for line in out.stdout.splitlines() if line.startswith("  $ ")]
+    assert not any("pip install" in c for c in commands)  # --skip-build: build_info only
+    assert any("<python code> <device capability" in c for c in commands)
 
 
 def test_unknown_step_is_refused():
@@ -187,6 +191,18 @@ def test_issue_ranks_miss_two_paths_that_the_reach_adds():
         for optin in (SM90, SM80):
             ranks = cuda_reach.representative_ranks(acc, optin)
             assert {cuda_reach.pick_tile_rows(r, acc, optin) for r in ranks} == {64, 16, 4, 1, 0}
+
+
+def test_opt_in_shared_memory_from_torch_or_the_table():
+    def fake_torch(major, minor, **props):
+        device = SimpleNamespace(major=major, minor=minor, **props)
+        return SimpleNamespace(cuda=SimpleNamespace(get_device_properties=lambda index: device))
+
+    optin = cuda_reach.device_optin_smem
+    assert optin(fake_torch(8, 9, shared_memory_per_block_optin=101376)) == (101376, ANY)
+    assert optin(fake_torch(9, 0))[0] == SM90  # torch without the property: the table's entry
+    with pytest.raises(RuntimeError, match="sm_75"):
+        optin(fake_torch(7, 5))
 
 
 # ---- the reach's cases -----------------------------------------------------------------------

@@ -712,6 +712,8 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; {info}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # The float64 references are small: thread-pool wake-ups would cost more than the work.
+    torch.set_num_threads(1 if args.device == "cpu" else min(8, os.cpu_count() or 1))
     print(tile_map_text(optin, source))
     caching_off = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1"
     runner = Runner(

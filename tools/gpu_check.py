@@ -298,7 +298,10 @@ class Check:
             f"compute-sanitizer: {self.sanitizer or 'not found'}",
         ]
         for step in self.selected():
-            lines.append(f"\n[{step.name}] limit {step.budget_s}s: {step.what}")
+            what = step.what
+            if step.name == "build" and self.args.skip_build:
+                what = "--skip-build: only check build_info() of the lowrank_ext already built"
+            lines.append(f"\n[{step.name}] limit {step.budget_s}s: {what}")
             if step.needs:
                 lines.append(f"  needs: {', '.join(step.needs)}")
             for cmd, env in self.commands(step.name):
@@ -316,7 +319,8 @@ class Check:
         return self.args.deadline - (time.monotonic() - self.start)
 
     def run(self) -> list[Result]:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.logs, ignore_errors=True)  # no log of an earlier run gets packed
+        self.logs.mkdir(parents=True)
         (self.out / "plan.txt").write_text(self.plan_text() + "\n")
         results: dict[str, Result] = {}
         for step in self.selected():
