@@ -357,10 +357,10 @@ class Check:
             rc, _ = run_logged(cmd, log, end - time.monotonic(), env, append=i > 0)
             res.rc = rc
             if rc is None:
-                res.status, res.detail = "TIMEOUT", f"killed at the limit: {cmd[:4]}"
+                res.status, res.detail = "TIMEOUT", f"killed at the limit: {short(cmd)}"
                 return False
             if rc != 0:
-                res.status, res.detail = "FAIL", f"exit {rc}: {' '.join(map(str, cmd[:6]))}"
+                res.status, res.detail = "FAIL", f"exit {rc}: {short(cmd)}"
                 error = last_error_line(log)
                 if error:
                     res.detail += f"; {error}"
@@ -381,16 +381,16 @@ class Check:
             "date": now(),
             "host": f"{platform.node()} {platform.platform()}, {os.cpu_count()} cores",
             "python": f"{sys.version.split()[0]} at {PYTHON}",
-            "device (torch)": json.dumps(self.device, indent=1),
-            "nvidia-smi": capture(["nvidia-smi"]),
-            "nvcc --version": capture([nvcc, "--version"]),
-            "CUDA toolkit": str(self.cuda_home),
-            "compute-sanitizer": f"{self.sanitizer}: "
-            + (capture([self.sanitizer, "--version"]) if self.sanitizer else "not found"),
-            "packages": capture([PYTHON, "-m", "pip", "list", "--disable-pip-version-check"]),
             "git": capture(["git", "log", "-1", "--oneline"])
             + "\n"
             + capture(["git", "status", "--short"]),
+            "packages": capture([PYTHON, "-m", "pip", "list", "--disable-pip-version-check"]),
+            "CUDA toolkit": str(self.cuda_home),
+            "nvcc --version": capture([nvcc, "--version"]),
+            "compute-sanitizer": f"{self.sanitizer}: "
+            + (capture([self.sanitizer, "--version"]) if self.sanitizer else "not found"),
+            "nvidia-smi": capture(["nvidia-smi"]),
+            "device (torch)": json.dumps(self.device, indent=1),
         }
         if not self.device.get("cuda_available"):
             res.status, res.detail = "FAIL", "torch sees no CUDA device"
@@ -523,15 +523,23 @@ class Check:
         return bool(out_env) and Path(out_env).resolve() in (self.out, *self.out.parents)
 
 
+def short(cmd) -> str:
+    """A command for the table: python for the interpreter's path, code and long paths cut."""
+    words = ["python" if str(c) == PYTHON else str(c) for c in cmd[:6]]
+    return " ".join("<code>" if "\n" in w else w for w in words)
+
+
 def last_error_line(log: Path) -> str:
-    """The last line of the log's end that names an error, shortened (for the table)."""
-    lines = log.read_text(errors="replace").splitlines()[-300:]
+    """The last line of the log's end that names an error, else its last line (for the table)."""
+    lines = [
+        line.strip()
+        for line in log.read_text(errors="replace").splitlines()[-300:]
+        if line.strip() and not line.startswith("#")
+    ]
     for line in reversed(lines):
-        if re.search(r"\b(error|Error|ERROR|FAILED|Traceback)\b", line) and not line.startswith(
-            "#"
-        ):
-            return line.strip()[:160]
-    return ""
+        if re.search(r"\b(error|Error|ERROR|FAILED|Traceback)\b", line):
+            return line[:160]
+    return lines[-1][:160] if lines else ""
 
 
 def junit_counts(path: Path) -> str:
