@@ -142,10 +142,7 @@ def test_every_tile_height_and_the_fallback(backend, tile_map, r, core):
     bm = tile_map.pick_tile_rows(rank, 4, optin)
     if optin == tile_map.SM90_OPTIN_SMEM:
         assert bm == SM90_TILE_ROWS[r]
-    small = rank <= 4100
-    case = tile_map.LinearCase(
-        backend, "float32", (67,) if small else (3,), 40, 70 if small else 12, rank, core, bm=bm
-    )
+    case = tile_map.tile_case(backend, "float32", rank, core, bm)
     tile_map.Runner(torch, lowrank_ext, seed=rank).run_linear(case)
 
 

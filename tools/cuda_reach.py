@@ -246,21 +246,23 @@ class ProjectOutCase:
 
 def tile_cases(backends, optin_smem: int, quick: bool) -> list[LinearCase]:
     """Every path of pick_tile_rows for every dtype: diagonal core at each segment's largest rank
-    (float32 also at issue 13's ranks), full core at the lowest rank of each tile height."""
+    (float32 also at issue 13's ranks), full core at the lowest rank of each tile height.
+
+    quick (the sanitizers' set) leaves out issue 13's ranks and, but for float32, the BM=1 tiles
+    over the soft budget: the same kernels as at lower ranks, and the costliest under racecheck
+    (shared-memory traffic grows with rows x rank).
+    """
     cases = []
     for dtype in DTYPE_NAMES:
         acc = ACC_BYTES[dtype]
         segments = tile_segments(acc, optin_smem)
-        diag = representative_ranks(acc, optin_smem)
-        if dtype == "float32":
+        diag = [
+            s.lo if s.hi is None else s.hi
+            for s in segments
+            if not (quick and dtype != "float32" and s.bm == 1 and s.over_soft)
+        ]
+        if dtype == "float32" and not quick:
             diag = sorted(set(diag) | set(ISSUE_RANKS))
-        elif quick:
-            # Under the sanitizers the opt-in BM=1 tiles of the other dtypes cost seconds each
-            # and reach no other instantiation than float32's: their lowest rank stands in.
-            diag = [
-                s.lo if (s.bm == 1 and s.over_soft) else r
-                for s, r in zip(segments, representative_ranks(acc, optin_smem))
-            ]
         # Full core at the lowest rank of each tile height (r = 1 included): the tiles' shared
         # memory is the diagonal cases' at the same rank, and an r x r core stays cheap.
         full = []
@@ -273,21 +275,22 @@ def tile_cases(backends, optin_smem: int, quick: bool) -> list[LinearCase]:
                 continue  # the composition does not depend on the rank's tile height
             for core, ranks in (("diag", diag), ("full", full)):
                 for r in ranks:
-                    small = r <= FULL_CORE_MAX_RANK
                     bm = pick_tile_rows(r, acc, optin_smem)
-                    cases.append(
-                        LinearCase(
-                            backend,
-                            dtype,
-                            (67,) if small else (3,),
-                            40,
-                            70 if small else 12,
-                            r,
-                            core=core,
-                            bm=bm,
-                        )
-                    )
+                    cases.append(tile_case(backend, dtype, r, core, bm))
     return cases
+
+
+# Rows per tile case: three tiles of the case's height, the last one partial (64 + 3 rows for
+# BM=64; two one-row tiles for BM=1). More would only repeat them, at a cost under racecheck
+# that grows with rows x rank.
+TILE_CASE_ROWS = {64: 67, 16: 35, 4: 11, 1: 2, FALLBACK: 3}
+
+
+def tile_case(backend: str, dtype: str, r: int, core: str, bm: int) -> LinearCase:
+    """The case of rank r whose fused kernels take tile height bm: 40 inputs, and 70 outputs
+    (more than one 64-column chunk) unless r is large."""
+    out = 70 if r <= FULL_CORE_MAX_RANK else 12
+    return LinearCase(backend, dtype, (TILE_CASE_ROWS[bm],), 40, out, r, core=core, bm=bm)
 
 
 def variant_cases(backends, quick: bool) -> list[LinearCase]:
