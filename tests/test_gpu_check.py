@@ -256,7 +256,7 @@ def test_reach_checks_pass_on_the_cpu_kernels():
 
 
 class _Wrong:
-    """lowrank_ext with a linear that is off by a little, or leaves an element unwritten."""
+    """lowrank_ext with a linear that is off by a little, or leaves a column unwritten."""
 
     reference = lowrank_ext.reference
 
@@ -267,10 +267,12 @@ class _Wrong:
         y = lowrank_ext.linear(*args)
         if self.how == "scaled":
             return y * 1.001
-        return torch.where(torch.arange(y.shape[-1]) == 3, float("nan"), y)
+        out = torch.empty_like(y)  # NaN while the reach runs a case
+        out[..., :-1] = y[..., :-1]  # the last column is never written
+        return out
 
 
-@pytest.mark.parametrize("how, message", [("scaled", "max error"), ("nan", "not finite")])
+@pytest.mark.parametrize("how, message", [("scaled", "max error"), ("unwritten", "not finite")])
 def test_reach_catches_a_wrong_result(how, message):
     runner = cuda_reach.Runner(torch, _Wrong(how), 0, device="cpu")
     case = cuda_reach.LinearCase("default", "float32", (9,), 8, 6, 3)
@@ -309,6 +311,26 @@ def test_reach_reads_the_tile_height_from_kernel_names():
     with pytest.raises(cuda_reach.Mismatch, match="SIMT tile kernels"):
         runner.check_kernel_names(cublas, names)
     runner.check_kernel_names(cublas, ["ampere_sgemm_128x64_nn", "void at::native::reduce"])
+
+
+def test_reach_checks_that_the_switch_took_effect():
+    stuck = SimpleNamespace(cuda_kernels=lambda: "cublas", build_info=lambda: {})
+    runner = cuda_reach.Runner(torch, stuck, 0)
+    runner.check_backend_selected("cublas")
+    runner.check_backend_selected("default")  # no switch: nothing to check
+    with pytest.raises(cuda_reach.Mismatch, match="left cuda_kernels"):
+        runner.check_backend_selected("fused")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reach's answer to no kernels")
+def test_reach_profiler_without_cuda_kernels_warns_once():
+    runner = cuda_reach.Runner(torch, lowrank_ext, 0)  # device "cuda": tile cases are profiled
+    case = cuda_reach.LinearCase("fused", "float32", (3,), 4, 4, 300, bm=16)
+    assert runner.profiled(case, lambda: torch.ones(3) @ torch.ones(3)) == 3
+    assert runner.kernels == {case.name: []}
+    assert runner.profiler_works is False and len(runner.warnings) == 1
+    runner.profiled(case, lambda: None)  # profiling is off from then on
+    assert len(runner.warnings) == 1
 
 
 # ---- the check's bookkeeping -----------------------------------------------------------------

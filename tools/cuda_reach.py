@@ -14,9 +14,10 @@ batches of 0, 1, odd sizes and leading dims, every tile height the SIMT kernels 
 and 1 rows, under the 96 KiB soft budget and above it) and their at::mm fallback, the raw
 linear_forward(save_t=False) + linear_backward(t empty) pair, and project_out (1 and 2 passes,
 normalize or not, an empty basis, forward and backward). Every result is compared with plain
-PyTorch in float64 on the CPU (lowrank_ext.reference); before each case the caching allocator is
-poisoned with NaN so that an output element nobody wrote fails the check (skipped when
-PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer, where initcheck does that job).
+PyTorch in float64 on the CPU (lowrank_ext.reference). An output element nobody wrote fails the
+check: before each case the caching allocator is poisoned with NaN, and during it torch fills
+every tensor empty() makes with NaN (deterministic algorithms, warn_only). Neither is done when
+PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer, where initcheck does that job.
 
 Unless --no-profile, the fused backend's tile cases also run under torch.profiler, and the names
 of the kernels that ran are checked against the tile height this file predicts (a different tile
@@ -401,10 +402,27 @@ class Runner:
         return dev, dev.detach().double().cpu()
 
     def poison_cache(self):
-        # Freed blocks back the next outputs: an element the kernel forgets reads as NaN.
+        # Freed blocks back the next large outputs: an element the kernel forgets reads as NaN.
         if self.poison and self.device == "cuda":
             self.torch.empty(1 << 26, dtype=self.torch.uint8, device="cuda").fill_(0xFF)
             self.sync()
+
+    @contextlib.contextmanager
+    def nan_filled_empties(self):
+        """While deterministic algorithms are on, torch fills every tensor that empty() makes
+        with NaN (at::empty in the kernels' C++ too), whichever pool it comes from: an output
+        element nobody writes then fails the check. warn_only: no op is refused for it."""
+        torch = self.torch
+        if not self.poison:
+            yield
+            return
+        enabled = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
     def sync(self):
         if self.device == "cuda":
@@ -451,7 +469,7 @@ class Runner:
         wanted = [n for n in case.grads if dev[n] is not None]
 
         self.poison_cache()
-        with self.backend_context(case.backend):
+        with self.backend_context(case.backend), self.nan_filled_empties():
             self.check_backend_selected(case.backend)
             got = self.profiled(case, lambda: self.linear_on_gpu(case, dev, dy, wanted))
 
@@ -538,13 +556,14 @@ class Runner:
             "Q": Q.requires_grad_("Q" in case.grads),
             "X": X.requires_grad_("X" in case.grads),
         }
-        if case.grads:
-            Y = self.lowrank_ext.project_out(leaves["Q"], leaves["X"], *args)
-            Y.backward(dY)
-        else:
-            with torch.no_grad():
-                Y = self.lowrank_ext.project_out(Q, X, *args)
-        self.sync()
+        with self.nan_filled_empties():
+            if case.grads:
+                Y = self.lowrank_ext.project_out(leaves["Q"], leaves["X"], *args)
+                Y.backward(dY)
+            else:
+                with torch.no_grad():
+                    Y = self.lowrank_ext.project_out(Q, X, *args)
+            self.sync()
 
         ref_leaves = {
             "Q": Q_ref.clone().requires_grad_("Q" in case.grads),
@@ -613,6 +632,8 @@ class Runner:
             self.profiler_works = False
             return
         self.profiler_works = True
+        if case.backend not in BACKENDS:  # no switch: which kernels ran is not known
+            return
         tile = [n for n in names if SIMT_TILE_KERNEL.search(n)]
         if case.backend == "cublas":
             if tile:
@@ -687,6 +708,9 @@ def main(argv=None) -> int:
     if args.list:
         return list_cases(args)
 
+    # Deterministic algorithms (on around each case: see Runner.nan_filled_empties) accept
+    # cuBLAS only with a fixed workspace, read when torch makes its first cuBLAS handle.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
