@@ -1,17 +1,52 @@
-"""CUDA-only checks: streams, CUDA graphs, unwritten outputs, 64-bit indexing.
+"""CUDA-only checks: both CUDA kernel sets, every SIMT tile height and the at::mm fallback,
+run-to-run determinism, CUDA graphs, host threads, float16 range, streams, unwritten outputs,
+64-bit indexing.
 
 The float64-reference, gradcheck and opcheck tests of test_linear_op.py also run on CUDA.
+tools/gpu_check.py runs this file (and every other "cuda" test) on a GPU machine.
 """
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import TOLERANCES, requires_cuda
 from factors import as_float64, make_factors
+from torch.library import opcheck
 
 import lowrank_ext
 from lowrank_ext import LowRankLinear, reference
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ["cublas", "fused"]
+GRADS = ("x", "U", "S", "V", "bias")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The test runs once with each CUDA kernel set of lowrank_ext.linear."""
+    if not hasattr(lowrank_ext, "use_cuda_kernels"):
+        pytest.fail("lowrank_ext.use_cuda_kernels is missing: issue 13's CUDA kernel switch")
+    with lowrank_ext.use_cuda_kernels(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def tile_map():
+    """tools/cuda_reach.py: csrc/cuda/linear.cu's tile map in Python, and its checked cases."""
+    spec = importlib.util.spec_from_file_location("cuda_reach", ROOT / "tools" / "cuda_reach.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _poison_cache(nbytes=1 << 28):
@@ -21,9 +56,265 @@ def _poison_cache(nbytes=1 << 28):
     torch.cuda.synchronize()
 
 
+def _forward_backward(args, dy, linear=lowrank_ext.linear):
+    """y and every gradient (None where an input is None) of one call on fresh leaves."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+    y = linear(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [None if leaf is None else leaf.grad for leaf in leaves]
+
+
+def _assert_matches_float64(outputs, args, dy):
+    """outputs (y and the gradients) against autograd of the plain formula in float64 on the CPU."""
+    cpu = [None if t is None else t.cpu() for t in as_float64(*args)]
+    expected = _forward_backward(cpu, dy.double().cpu(), linear=reference.linear)
+    rtol, atol = TOLERANCES[args[0].dtype]
+    for name, got, want in zip(("y",) + GRADS, outputs, expected):
+        if want is None:
+            assert got is None, name
+            continue
+        torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol, msg=name)
+
+
+# ---- the CUDA kernel switch ----------------------------------------------------------------
+
+
+def test_cuda_kernel_switch_and_its_context_manager():
+    previous = lowrank_ext.cuda_kernels()
+    assert previous in BACKENDS
+    with lowrank_ext.use_cuda_kernels("fused"):
+        assert lowrank_ext.cuda_kernels() == "fused"
+        assert lowrank_ext.build_info()["cuda_backend"] == "fused"
+        with lowrank_ext.use_cuda_kernels("cublas"):
+            assert lowrank_ext.cuda_kernels() == "cublas"
+            assert lowrank_ext.build_info()["cuda_backend"] == "cublas"
+        assert lowrank_ext.cuda_kernels() == "fused"
+    assert lowrank_ext.cuda_kernels() == previous
+    with pytest.raises(ValueError, match="tensorcore"):
+        lowrank_ext.set_cuda_kernels("tensorcore")
+    assert lowrank_ext.cuda_kernels() == previous
+
+
+@pytest.mark.parametrize("name", [None, "fused"])
+def test_cuda_kernels_chosen_by_the_environment_at_import(name):
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_EXT_CUDA_KERNELS"}
+    if name is not None:
+        env["LOWRANK_EXT_CUDA_KERNELS"] = name
+    code = "import lowrank_ext as l; print(l.cuda_kernels(), l.build_info()['cuda_backend'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [name or "cublas"] * 2
+
+
+# ---- every SIMT tile height and the fallback -----------------------------------------------
+
+# Issue 13's float32 ranks, and the two they miss on sm_90: BM=64 and the at::mm fallback (the
+# smallest rank at which not even one row of t fits the device's opt-in shared memory).
+TILE_RANKS = [64, 300, 1400, 4100, 20000, "fallback"]
+# pick_tile_rows for float32 on an H100/H200 (227 KiB opt-in): 20000 is BM=1 above the 96 KiB
+# soft budget; the fallback is r >= 49897. tools/gpu_check.py --dry-run prints the whole map.
+SM90_TILE_ROWS = {64: 64, 300: 16, 1400: 4, 4100: 1, 20000: 1, "fallback": 0}
+
+
+def _tile_rank(tile_map, r):
+    optin, _ = tile_map.device_optin_smem(torch)
+    return tile_map.fallback_rank(4, optin) if r == "fallback" else r
+
+
+def test_tile_ranks_reach_every_simt_path(tile_map):
+    optin, _ = tile_map.device_optin_smem(torch)
+    rows = {r: tile_map.pick_tile_rows(_tile_rank(tile_map, r), 4, optin) for r in TILE_RANKS}
+    assert set(rows.values()) == {64, 16, 4, 1, 0}, rows
+    if optin == tile_map.SM90_OPTIN_SMEM:
+        assert rows == SM90_TILE_ROWS
+
+
+@pytest.mark.parametrize(
+    "r, core", [(r, "diag") for r in TILE_RANKS] + [(r, "full") for r in (64, 300, 1400, 4100)]
+)
+def test_every_tile_height_and_the_fallback(backend, tile_map, r, core):
+    # cuda_reach's case: NaN-poisoned cache, forward and every gradient against float64 autograd
+    # on the CPU, and (fused) the profiled kernel names must show the predicted tile height.
+    optin, _ = tile_map.device_optin_smem(torch)
+    rank = _tile_rank(tile_map, r)
+    bm = tile_map.pick_tile_rows(rank, 4, optin)
+    if optin == tile_map.SM90_OPTIN_SMEM:
+        assert bm == SM90_TILE_ROWS[r]
+    case = tile_map.tile_case(backend, "float32", rank, core, bm)
+    tile_map.Runner(torch, lowrank_ext, seed=rank).run_linear(case)
+
+
+# ---- determinism, CUDA graphs, host threads ------------------------------------------------
+
+
+def _cublas_reproducible() -> bool:
+    # torch.use_deterministic_algorithms accepts cuBLAS only with one of these workspace settings.
+    return os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [17, 300])
+@pytest.mark.parametrize("core", ["diag", "full"])
+def test_deterministic_run_to_run(backend, dtype, rank, core):
+    """Three runs on one stream give bitwise equal y and gradients.
+
+    The fused kernels sum in a fixed order with no atomics: bitwise equal always. cuBLAS gives
+    bitwise equal results run to run for one toolkit, architecture and SM count, except in
+    atomics mode and when a handle's workspace is shared across streams; torch vouches for it
+    (use_deterministic_algorithms) only with CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8, which
+    tools/gpu_check.py sets. There the cuBLAS path must be bitwise equal too (and use no op
+    torch knows to be nondeterministic); without it, close to rounding.
+    """
+    args = make_factors((333,), 257, 129, rank, core=core, dtype=dtype, device="cuda")
+    dy = torch.randn(333, 129, dtype=torch.float64).to("cuda", dtype)
+    strict = backend == "fused" or _cublas_reproducible()
+    with _deterministic_algorithms(_cublas_reproducible()):
+        runs = [_forward_backward(args, dy) for _ in range(3)]
+    rtol, atol = TOLERANCES[dtype]
+    for later in runs[1:]:
+        for name, a, b in zip(("y",) + GRADS, runs[0], later):
+            if strict:
+                assert torch.equal(a, b), f"{name} differs between runs"
+            else:
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("graph_rank, eager_rank", [(288, 32), (32, 288)])
+def test_cuda_graph_replay_after_an_eager_call_at_another_rank(backend, graph_rank, eager_rank):
+    """D1 of issue 13: the fused kernels' dynamic shared-memory limit is a process-wide attribute
+    of each kernel. In float32 both ranks take BM=64 tiles, 89 KiB at r=288 and 25 KiB at r=32:
+    a graph captured at one rank must still replay after an eager call at the other."""
+    args = make_factors((67,), 48, 40, graph_rank, core="full", device="cuda", dtype=torch.float32)
+    static = [t.detach().clone().requires_grad_() for t in args]
+    static_dy = torch.randn(67, 40, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        for _ in range(2):
+            for leaf in static:
+                leaf.grad = None
+            lowrank_ext.linear(*static).backward(static_dy)
+    torch.cuda.current_stream().wait_stream(side)
+    for leaf in static:
+        leaf.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = lowrank_ext.linear(*static)
+        static_y.backward(static_dy)
+
+    eager = make_factors((67,), 48, 40, eager_rank, core="full", device="cuda", dtype=torch.float32)
+    eager_dy = torch.randn(67, 40, device="cuda")
+    _assert_matches_float64(_forward_backward(eager, eager_dy), eager, eager_dy)
+
+    fresh = make_factors((67,), 48, 40, graph_rank, core="full", device="cuda", dtype=torch.float32)
+    fresh_dy = torch.randn(67, 40, device="cuda")
+    with torch.no_grad():
+        for leaf, value in zip(static + [static_dy], fresh + [fresh_dy]):
+            leaf.copy_(value)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [static_y.detach()] + [leaf.grad for leaf in static]
+    _assert_matches_float64(got, fresh, fresh_dy)
+
+
+def test_four_host_threads_at_once(backend):
+    """Four host threads, each on its own stream, call the op at once at four ranks (float32
+    BM=64 tiles with 25 to 89 KiB of shared memory: D1's process-wide attribute races)."""
+    ranks = (32, 288, 64, 256)
+    problems = [make_factors((67,), 48, 40, r, dtype=torch.float32, device="cuda") for r in ranks]
+    dys = [torch.randn(67, 40, device="cuda") for _ in ranks]
+    torch.cuda.synchronize()
+    start = threading.Barrier(len(ranks))
+    results, errors = [None] * len(ranks), []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            start.wait(timeout=60)
+            with torch.cuda.stream(stream):
+                assert lowrank_ext.cuda_kernels() == backend  # the switch is process-wide
+                for _ in range(20):
+                    outputs = _forward_backward(problems[i], dys[i])
+            stream.synchronize()
+            results[i] = outputs
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(ranks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for outputs, args, dy in zip(results, problems, dys):
+        _assert_matches_float64(outputs, args, dy)
+
+
+# ---- float16 range and the saved t ---------------------------------------------------------
+
+
+def test_float16_saved_t_cannot_overflow(backend):
+    """D2 of issue 13: t = x V = 8 * 2 * 4096 = 65536 is past float16's 65504, y = t S U = 32768
+    is not. Saved in float16, t would be inf and so would dU and dS."""
+    half = {"dtype": torch.float16, "device": "cuda"}
+    x = torch.full((1, 4096), 8.0, **half, requires_grad=True)
+    V = torch.full((4096, 1), 2.0, **half, requires_grad=True)
+    U = torch.ones(1, 1, **half, requires_grad=True)
+    S = torch.full((1,), 0.5, **half, requires_grad=True)
+    y = lowrank_ext.linear(x, U, S, V)
+    y.backward(torch.full_like(y, 0.5))
+    # dU = dy t S, dS = dy U t, dx = dy U S Vᵀ, dV = xᵀ dy U S: all exact in float16.
+    for name, got, want in (
+        ("y", y, 32768.0),
+        ("dU", U.grad, 16384.0),
+        ("dS", S.grad, 32768.0),
+        ("dx", x.grad, 0.5),
+        ("dV", V.grad, 2.0),
+    ):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), torch.full_like(got, want).double(), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_saved_t_is_float32_for_half_inputs(backend, dtype):
+    x, U, S, V, b = make_factors((5, 3), 24, 16, 4, dtype=dtype, device="cuda")
+    _, t = torch.ops.lowrank_ext.linear_forward(x, U, S, V, b, True)
+    half = dtype in (torch.float16, torch.bfloat16)
+    assert t.dtype == (torch.float32 if half else dtype)
+    assert t.shape == (15, 4)
+    rtol, atol = TOLERANCES[dtype]
+    expected = x.reshape(15, 24).double() @ V.double()
+    torch.testing.assert_close(t.double(), expected, rtol=rtol, atol=atol)
+
+
+def test_opcheck_float16(backend):
+    # The fake (meta) kernels must agree with the CUDA kernels, t's float32 dtype included.
+    x, U, S, V, b = make_factors((3, 2), 6, 5, 3, dtype=torch.float16, device="cuda")
+    for save_t in (True, False):
+        opcheck(torch.ops.lowrank_ext.linear_forward, (x, U, S, V, b, save_t))
+    _, t = torch.ops.lowrank_ext.linear_forward(x, U, S, V, b, True)
+    dy = torch.randn(3, 2, 5, device="cuda").half()
+    opcheck(torch.ops.lowrank_ext.linear_backward, (dy, x, t, U, S, V, [True] * 5))
+
+
+# ---- streams, unwritten outputs, indexing --------------------------------------------------
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("core", ["diag", "full"])
-def test_every_output_element_is_written(dtype, core):
+def test_every_output_element_is_written(backend, dtype, core):
     args = make_factors((333,), 257, 129, 17, core=core, dtype=dtype, device="cuda")
     leaves = [t.requires_grad_() for t in args]
     _poison_cache()
@@ -34,7 +325,7 @@ def test_every_output_element_is_written(dtype, core):
         assert torch.isfinite(tensor).all()
 
 
-def test_runs_on_the_current_stream():
+def test_runs_on_the_current_stream(backend):
     args = make_factors((512,), 256, 192, 16, dtype=torch.float32, device="cuda")
     expected = lowrank_ext.linear(*args)
     stream = torch.cuda.Stream()
@@ -67,7 +358,7 @@ def test_other_device_index_is_guarded():
     torch.testing.assert_close(y.double(), reference.linear(*as_float64(*args)))
 
 
-def test_64_bit_indexing_past_2_to_the_31_elements():
+def test_64_bit_indexing_past_2_to_the_31_elements(backend):
     # x and dx hold 2**31 + 2**12 elements: 32-bit offsets would wrap.
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
