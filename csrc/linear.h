@@ -51,6 +51,18 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& bias,
                                                        bool save_t);
 
+// The two CUDA implementations behind linear_forward_cuda / linear_backward_cuda (backend.h):
+// the cuBLAS composition (cuda/linear_cublas.cu, the default) and the SIMT fused kernels
+// (cuda/linear.cu).
+std::tuple<at::Tensor, at::Tensor> linear_forward_cublas(const at::Tensor& x, const at::Tensor& U,
+                                                         const at::Tensor& S, const at::Tensor& V,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         bool save_t);
+std::tuple<at::Tensor, at::Tensor> linear_forward_fused(const at::Tensor& x, const at::Tensor& U,
+                                                        const at::Tensor& S, const at::Tensor& V,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        bool save_t);
+
 // Backward kernels. output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias); an output
 // that is not asked for is returned as an empty tensor of shape (0,). grad_x has x's shape.
 // t is the saved x V of shape (batch, r) (dtype saved_t_dtype), or (0,) (then recomputed); it is
@@ -62,5 +74,11 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
 LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                  const at::Tensor& V, std::array<bool, 5> output_mask);
+LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
+                                   const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                   const at::Tensor& V, std::array<bool, 5> output_mask);
+LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                  const at::Tensor& V, std::array<bool, 5> output_mask);
 
 }  // namespace lowrank_ext

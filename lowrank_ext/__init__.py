@@ -10,7 +10,15 @@ import torch
 from . import analysis, nn, plots, reference, training
 from .analysis import landscape, spectral
 from .nn import LowRankConv2d, LowRankLinear, LowRankMultiheadAttention, convert, merge, ranks
-from .ops import BUILD_CONFIG, linear, project_out
+from .ops import (
+    BUILD_CONFIG,
+    cuda_kernels,
+    linear,
+    project_out,
+    set_cuda_kernels,
+    use_cuda_kernels,
+)
+from .ops import cpu_gemm as _cpu_gemm
 from .training import OIALR, successive
 from .version import __version__
 
@@ -46,6 +54,7 @@ __all__ = [
     "analysis",
     "build_info",
     "convert",
+    "cuda_kernels",
     "landscape",
     "linear",
     "merge",
@@ -55,13 +64,21 @@ __all__ = [
     "ranks",
     "reference",
     "spectral",
+    "set_cuda_kernels",
     "successive",
     "training",
+    "use_cuda_kernels",
 ]
 
 
 def build_info() -> dict:
-    """What the compiled library was built against and which kernels it carries."""
+    """What the compiled library was built against and which kernels it runs.
+
+    Keys: version; torch_built_against / torch_running; cuda_kernels (bool: CUDA kernels are
+    compiled in); cuda_version; cuda_archs (list of "8.0", "9.0+PTX", ...); cuda_backend (which
+    CUDA kernels `linear` runs now: "cublas" or "fused", see `set_cuda_kernels`); cpu_gemm (how
+    the CPU kernels multiply: "blas" or "aten"); cuda_device_available.
+    """
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lowrank_ext::linear_forward", "CUDA"
     )
@@ -72,5 +89,7 @@ def build_info() -> dict:
         "cuda_kernels": bool(BUILD_CONFIG.WITH_CUDA and has_cuda_kernel),
         "cuda_version": BUILD_CONFIG.CUDA_VERSION,
         "cuda_archs": BUILD_CONFIG.CUDA_ARCHS.split(";") if BUILD_CONFIG.CUDA_ARCHS else [],
+        "cuda_backend": cuda_kernels(),
+        "cpu_gemm": _cpu_gemm(),
         "cuda_device_available": torch.cuda.is_available(),
     }

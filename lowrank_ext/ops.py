@@ -19,7 +19,7 @@ import torch
 from ._extension import load
 
 BUILD_CONFIG = load()
-from . import _C  # noqa: E402  (loaded by load(): the ops' registrations and the settings)
+from ._C import _cpu_gemm, _cuda_kernels, _set_cuda_kernels  # noqa: E402  (loaded by load())
 
 _ops = torch.ops.lowrank_ext
 # Bound once: the op's own overload, so a call costs one Python frame before C++.
@@ -52,12 +52,12 @@ def set_cuda_kernels(name: str) -> None:
             f"lowrank_ext.set_cuda_kernels: unknown CUDA kernels {name!r}; "
             f"expected one of {', '.join(map(repr, CUDA_KERNELS))}"
         )
-    _C._set_cuda_kernels(name)
+    _set_cuda_kernels(name)
 
 
 def cuda_kernels() -> str:
     """The CUDA kernels `linear` runs now: "cublas" or "fused" (see set_cuda_kernels)."""
-    return _C._cuda_kernels()
+    return _cuda_kernels()
 
 
 @contextlib.contextmanager
@@ -74,7 +74,7 @@ def use_cuda_kernels(name: str) -> Iterator[None]:
 def cpu_gemm() -> str:
     """How the CPU kernels multiply: "blas" (the BLAS inside libtorch, called directly) or
     "aten" (through at::addmm_out, where that libtorch exports no BLAS entry points)."""
-    return _C._cpu_gemm()
+    return _cpu_gemm()
 
 
 def _kernels_from_environment() -> None:

@@ -1,6 +1,11 @@
 // CUDA kernels of lowrank_ext::linear: y = ((x V) Sᵀ) Uᵀ + bias and its backward.
 //
-// Design (every kernel runs 256 threads; every sum is in a fixed order, so results are
+// Two implementations behind one op (backend.h): the default composes cuBLAS GEMMs
+// (linear_cublas.cu); the SIMT fused kernels below run when set_cuda_kernels("fused") asks for
+// them. They use no tensor cores (scalar FFMA), so they are opt-in until a GPU measurement shows
+// a shape where they win.
+//
+// Design of the fused kernels (every kernel runs 256 threads; every sum is in a fixed order, so results are
 // bit-reproducible run to run on one device — no float atomics anywhere):
 //   forward       one kernel per tile of BM rows: t = x V stays in shared memory (acc type, i.e.
 //                 float, or double for double), then y = t USᵀ + bias is written once.
@@ -12,10 +17,15 @@
 //   reductions    dU = dyᵀ z, dV = xᵀ dt, dS = gᵀ t (or Σ g ⊙ t): split over the batch into
 //                 fixed chunks, per-chunk partials, then summed over the chunks in order.
 // BM (64, 16, 4 or 1 rows) is picked from r so the t tile fits in shared memory; when not even
-// one row of t fits (r in the tens of thousands), both directions fall back to at::mm chains.
+// one row of t fits (r in the tens of thousands), both directions use the cuBLAS composition.
 #include "linear.h"
 
 #include <ATen/ATen.h>
+#include <mutex>
+#include <map>
+#include <tuple>
+
+#include "backend.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -220,7 +230,7 @@ template <typename scalar_t, typename acc_t, int BM>
 __global__ void __launch_bounds__(kThreads)
     linear_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ V,
                           const acc_t* __restrict__ US, const scalar_t* __restrict__ bias,
-                          scalar_t* __restrict__ y, scalar_t* __restrict__ t, int64_t batch,
+                          scalar_t* __restrict__ y, acc_t* __restrict__ t, int64_t batch,
                           int64_t n, int64_t m, int r) {
   const RowTileSmem<acc_t, BM> sm(r);
   const int64_t num_tiles = ceil_div(batch, BM);
@@ -374,12 +384,49 @@ struct DeviceLimits {
   int max_smem;  // opt-in dynamic shared memory per block
 };
 
-DeviceLimits device_limits() {
-  int device = 0, sms = 0, smem = 0;
+// Per-device and per-kernel facts are queried once and kept (a query per call cost more than a
+// small launch); a mutex guards the caches, since any host thread may call the op.
+std::mutex g_cache_mutex;
+
+int current_device() {
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+DeviceLimits device_limits() {
+  static std::map<int, DeviceLimits> cache;
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(g_cache_mutex);
+  auto found = cache.find(device);
+  if (found != cache.end()) return found->second;
+  int sms = 0, smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return {sms, smem};
+  return cache.emplace(device, DeviceLimits{sms, smem}).first->second;
+}
+
+// Resident blocks per SM of `kernel` with `smem` bytes of dynamic shared memory. The kernel's
+// dynamic shared-memory limit is raised once per device to the device's maximum, never set to a
+// call's own size: the attribute is process-wide, and a smaller value set by one call (or one
+// host thread) would make another's larger launch, or a CUDA graph captured earlier, fail.
+int blocks_per_sm(const void* kernel, int64_t smem, const DeviceLimits& lim) {
+  static std::map<std::pair<int, const void*>, bool> raised;
+  static std::map<std::tuple<int, const void*, int64_t>, int> occupancy;
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(g_cache_mutex);
+  auto found = occupancy.find({device, kernel, smem});
+  if (found != occupancy.end()) return found->second;
+  if (!raised[{device, kernel}]) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lim.max_smem));
+    raised[{device, kernel}] = true;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                               static_cast<size_t>(smem)));
+  occupancy[{device, kernel, smem}] = per_sm;
+  return per_sm;
 }
 
 at::ScalarType acc_dtype(at::ScalarType dtype) {
@@ -418,11 +465,7 @@ void dispatch_tile_rows(int bm, F&& f) {
 // on the device and kernel, so the dbias partials are summed in the same order every run.
 template <typename Kernel>
 int row_tile_grid(Kernel* kernel, int64_t smem, int64_t num_tiles, const DeviceLimits& lim) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                               static_cast<size_t>(smem)));
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), smem, lim);
   TORCH_CHECK(per_sm > 0, "lowrank_ext.linear: a ", smem,
               "-byte shared-memory tile cannot be scheduled on this device");
   return static_cast<int>(min64(num_tiles, static_cast<int64_t>(per_sm) * lim.sm_count));
@@ -483,42 +526,12 @@ void diag_outer(const acc_t* g, const acc_t* t, out_t* out, int64_t batch, int r
   launch_sum_splits(partial_ptr, splits, r, out, stream);
 }
 
-// r so large that not even one row of t fits in shared memory: plain at::mm chains (cuBLAS) in
-// the input dtype.
-std::tuple<at::Tensor, at::Tensor> linear_forward_unfused(const at::Tensor& x2,
-                                                          const at::Tensor& U, const at::Tensor& S,
-                                                          const at::Tensor& V,
-                                                          const std::optional<at::Tensor>& bias,
-                                                          bool save_t,
-                                                          const std::vector<int64_t>& y_shape) {
-  const at::Tensor t = at::mm(x2, V);
-  const at::Tensor z = S.dim() == 1 ? t * S : at::mm(t, S.t());
-  const at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, z, U.t())
-                                                           : at::mm(z, U.t());
-  return {y.reshape(y_shape), save_t ? t : at::empty({0}, x2.options())};
-}
-
-LinearGrads linear_backward_unfused(const at::Tensor& dy2, const at::Tensor& x2, at::Tensor t,
-                                    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                    std::array<bool, 5> mask, at::IntArrayRef x_sizes) {
-  const bool diag = S.dim() == 1;
-  const at::Tensor none = at::empty({0}, x2.options());
-  if ((mask[1] || mask[2]) && t.numel() == 0) t = at::mm(x2, V);
-  const at::Tensor g = at::mm(dy2, U);
-  const at::Tensor dt = diag ? g * S : at::mm(g, S);
-  return {mask[0] ? at::mm(dt, V.t()).reshape(x_sizes) : none,
-          mask[1] ? at::mm(dy2.t(), diag ? t * S : at::mm(t, S.t())) : none,
-          mask[2] ? (diag ? (g * t).sum(0) : at::mm(g.t(), t)) : none,
-          mask[3] ? at::mm(x2.t(), dt) : none,
-          mask[4] ? dy2.sum(0) : none};
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& U,
-                                                       const at::Tensor& S, const at::Tensor& V,
-                                                       const std::optional<at::Tensor>& bias,
-                                                       bool save_t) {
+std::tuple<at::Tensor, at::Tensor> linear_forward_fused(const at::Tensor& x, const at::Tensor& U,
+                                                        const at::Tensor& S, const at::Tensor& V,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        bool save_t) {
   const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
@@ -530,10 +543,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   const DeviceLimits lim = device_limits();
   const at::ScalarType acc_type = acc_dtype(x.scalar_type());
   const int bm = pick_tile_rows(r, c10::elementSize(acc_type), lim.max_smem);
-  if (bm == 0) return linear_forward_unfused(x2, U, S, Vc, bias, save_t, y_shape);
+  if (bm == 0) return linear_forward_cublas(x, U, S, V, bias, save_t);
 
   at::Tensor y = at::empty(y_shape, x.options());
-  at::Tensor t = save_t ? at::empty({B, r}, x.options()) : at::empty({0}, x.options());
+  at::Tensor t = save_t ? at::empty({B, r}, x.options().dtype(saved_t_dtype(x.scalar_type())))
+                        : at::empty({0}, x.options());
   if (B == 0) return {y, t};
 
   const at::Tensor U_acc = U.to(acc_type);
@@ -555,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
               x2.const_data_ptr<scalar_t>(), Vc.const_data_ptr<scalar_t>(),
               US.const_data_ptr<acc_t>(),
               has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-              y.mutable_data_ptr<scalar_t>(), save_t ? t.mutable_data_ptr<scalar_t>() : nullptr,
+              y.mutable_data_ptr<scalar_t>(), save_t ? t.mutable_data_ptr<acc_t>() : nullptr,
               B, n, m, static_cast<int>(r));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -563,9 +577,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   return {y, t};
 }
 
-LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                 const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
-                                 const at::Tensor& V, std::array<bool, 5> output_mask) {
+LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                  const at::Tensor& V, std::array<bool, 5> output_mask) {
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
@@ -591,10 +605,7 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   const DeviceLimits lim = device_limits();
   const at::ScalarType acc_type = acc_dtype(x.scalar_type());
   const int bm = pick_tile_rows(r, c10::elementSize(acc_type), lim.max_smem);
-  if (bm == 0) {
-    return linear_backward_unfused(dy2, x.contiguous().reshape({B, n}), t, Uc, S, Vc,
-                                   output_mask, x.sizes());
-  }
+  if (bm == 0) return linear_backward_cublas(grad_y, x, t, U, S, V, output_mask);
 
   const auto acc_opts = opts.dtype(acc_type);
   const at::Tensor S_acc = S.to(acc_type).contiguous();
@@ -602,7 +613,8 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   const bool need_t = need_dU || need_dS;
   // t is only needed for dU and dS; recompute it when the forward did not save it.
   const at::Tensor t_acc =
-      need_t ? (t.numel() != 0 ? t : at::mm(x2, Vc)).to(acc_type).contiguous() : at::Tensor();
+      need_t ? (t.numel() != 0 ? t : at::mm(x2, Vc, acc_type)).to(acc_type).contiguous()
+             : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : none;
@@ -678,8 +690,3 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 }
 
 }  // namespace lowrank_ext
-
-TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
-  m.impl("linear_forward", TORCH_FN(lowrank_ext::linear_forward_cuda));
-  m.impl("linear_backward", TORCH_FN(lowrank_ext::linear_backward_cuda));
-}

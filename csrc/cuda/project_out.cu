@@ -229,10 +229,22 @@ class Launcher {
   at::TensorOptions f64_;
 };
 
-// The normalization check reads the column norms on the host, which synchronizes; inside CUDA
-// graph capture that is not allowed, so there the check is skipped (documented in the README).
-bool may_synchronize() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+// The normalization check runs on the device and never synchronizes (a grown layer runs it on
+// every forward): a refused column raises a device-side assertion when the stream reaches it.
+// It is left out of CUDA graph capture, where an assertion would outlive the call that made it.
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The CUDA counterpart of check_normalizable (project_out.h): the same test on device tensors.
+void assert_normalizable(const at::Tensor& x_sq, const at::Tensor& y_sq, double eps) {
+  const double tol = kSpanTolerance * eps;
+  const at::Tensor ok = (at::isfinite(x_sq) & at::isfinite(y_sq) & (y_sq > x_sq * (tol * tol)))
+                            .all();
+  at::_assert_async(ok,
+                    "lowrank_ext.project_out: a column of argument 'X' is zero, lies in span(Q) "
+                    "to working precision or has a non-finite norm; normalize=True refuses it "
+                    "(run the same call on the CPU to see which column)");
 }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -263,11 +275,9 @@ ProjectOutResult project_out_forward_cuda(const at::Tensor& Q, const at::Tensor&
     }
     if (normalize) {
       const at::Tensor y_sq = launch.column_dots(y, y);
-      if (may_synchronize()) {
-        const at::Tensor x_sq = launch.column_dots(x, x).cpu();
-        const at::Tensor y_sq_host = y_sq.cpu();
-        check_normalizable(x_sq.const_data_ptr<double>(), y_sq_host.const_data_ptr<double>(), p,
-                           std::numeric_limits<scalar_t>::epsilon());
+      if (!capturing() && p > 0) {
+        assert_normalizable(launch.column_dots(x, x), y_sq,
+                            std::numeric_limits<scalar_t>::epsilon());
       }
       norms.copy_(y_sq.sqrt());
       launch.scale_columns(y, nullptr, nullptr, norms.const_data_ptr<double>(), y);
@@ -345,7 +355,15 @@ ProjectOutGrads project_out_backward_cuda(const at::Tensor& grad_Y, const at::Te
 
 }  // namespace lowrank_ext
 
+namespace {
+at::Tensor project_out_cuda(const at::Tensor& Q, const at::Tensor& X, int64_t passes,
+                            bool normalize) {
+  return std::get<0>(lowrank_ext::project_out_forward_cuda(Q, X, passes, normalize));
+}
+}  // namespace
+
 TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  m.impl("project_out", TORCH_FN(project_out_cuda));
   m.impl("project_out_forward", TORCH_FN(lowrank_ext::project_out_forward_cuda));
   m.impl("project_out_backward", TORCH_FN(lowrank_ext::project_out_backward_cuda));
 }

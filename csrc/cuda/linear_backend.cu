@@ -1,0 +1,40 @@
+// lowrank_ext::linear on CUDA: the kernels chosen by set_cuda_kernels (backend.h) on each call.
+// Both implementations save the same t (dtype saved_t_dtype), so a forward run by one may be
+// differentiated by the other.
+#include "backend.h"
+#include "linear.h"
+
+#include <torch/library.h>
+
+namespace lowrank_ext {
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& U,
+                                                       const at::Tensor& S, const at::Tensor& V,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       bool save_t) {
+  return cuda_kernels() == CudaKernels::kFused ? linear_forward_fused(x, U, S, V, bias, save_t)
+                                               : linear_forward_cublas(x, U, S, V, bias, save_t);
+}
+
+LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                 const at::Tensor& V, std::array<bool, 5> output_mask) {
+  return cuda_kernels() == CudaKernels::kFused
+             ? linear_backward_fused(grad_y, x, t, U, S, V, output_mask)
+             : linear_backward_cublas(grad_y, x, t, U, S, V, output_mask);
+}
+
+namespace {
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
+                       const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  return std::get<0>(linear_forward_cuda(x, U, S, V, bias, /*save_t=*/false));
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  m.impl("linear", TORCH_FN(linear_cuda));
+  m.impl("linear_forward", TORCH_FN(linear_forward_cuda));
+  m.impl("linear_backward", TORCH_FN(linear_backward_cuda));
+}
+
+}  // namespace lowrank_ext

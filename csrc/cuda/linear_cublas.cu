@@ -1,0 +1,86 @@
+// The default CUDA path of lowrank_ext::linear: cuBLAS GEMMs (through ATen) composed inside the
+// op, so autograd, torch.compile, torch.export and CUDA graphs see the same ops whichever CUDA
+// kernels run (backend.h). Tensor cores on every architecture, cuBLAS's own accumulation.
+//
+//   forward   t = x V (float32 for half inputs: it is saved, and |t| > 65504 must stay finite),
+//             z = t Sᵀ in x's dtype, y = addmm(bias, z, Uᵀ) (cuBLASLt fuses the bias).
+//   backward  g = dy U, dt = g S, dx = dt Vᵀ, dV = xᵀ dt, dU = dyᵀ z, dS = Σ g ⊙ t (gᵀ t for a
+//             full core), dbias = Σ dy: one GEMM per gradient plus g, and t recomputed only when
+//             the forward did not save it. Sums that end in a small tensor (g for dS, dS itself)
+//             stay in float32 for half inputs.
+#include "linear.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace lowrank_ext {
+namespace {
+
+bool is_half(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+// a @ b, in float32 when the inputs are half (cuBLAS accumulates in float32 either way).
+at::Tensor mm_wide(const at::Tensor& a, const at::Tensor& b) {
+  return is_half(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
+}
+
+// t Sᵀ (diagonal: t ⊙ s) in `dtype`, from t in float32 or dtype.
+at::Tensor apply_core(const at::Tensor& t, const at::Tensor& S, bool transpose,
+                      at::ScalarType dtype) {
+  if (S.dim() == 1) {
+    at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+    return at::mul_out(out, t, S);  // one kernel: float32 product rounded into dtype
+  }
+  const at::Tensor core = S.to(t.scalar_type());
+  return at::mm(t, transpose ? core.t() : core).to(dtype);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cublas(const at::Tensor& x, const at::Tensor& U,
+                                                         const at::Tensor& S, const at::Tensor& V,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         bool save_t) {
+  const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
+  const at::Tensor x2 = x.reshape({sz.batch, sz.in_features});
+  const at::Tensor t = mm_wide(x2, V);
+  const at::Tensor z = apply_core(t, S, /*transpose=*/true, x.scalar_type());
+  const at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, z, U.t())
+                                                           : at::mm(z, U.t());
+  return {y.view(linear_output_shape(x, sz.out_features)),
+          save_t ? t : at::empty({0}, x.options())};
+}
+
+LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
+                                   const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
+                                   const at::Tensor& V, std::array<bool, 5> output_mask) {
+  const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto [need_dx, need_dU, need_dS, need_dV, need_db] = output_mask;
+  const at::ScalarType dtype = x.scalar_type();
+  const at::Tensor none = at::empty({0}, x.options());
+  const at::Tensor dy2 = grad_y.reshape({sz.batch, sz.out_features});
+  const at::Tensor x2 = x.reshape({sz.batch, sz.in_features});
+  const at::Tensor tt = (need_dU || need_dS) ? (t.numel() != 0 ? t : mm_wide(x2, V)) : at::Tensor();
+  at::Tensor dx = none, dU = none, dS = none, dV = none, db = none;
+  if (need_db) db = dy2.sum(0);
+  if (need_dU) dU = at::mm(dy2.t(), apply_core(tt, S, /*transpose=*/true, dtype));
+  if (need_dS || need_dV || need_dx) {
+    const at::Tensor g = mm_wide(dy2, U);  // (batch, r)
+    if (need_dS) {
+      dS = (S.dim() == 1 ? (g * tt).sum(0) : at::mm(g.t(), tt)).to(dtype);
+    }
+    if (need_dV || need_dx) {
+      const at::Tensor dt = apply_core(g, S, /*transpose=*/false, dtype);
+      if (need_dV) dV = at::mm(x2.t(), dt);
+      if (need_dx) dx = at::mm(dt, V.t()).view(x.sizes());
+    }
+  }
+  return {dx, dU, dS, dV, db};
+}
+
+}  // namespace lowrank_ext
