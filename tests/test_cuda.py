@@ -9,7 +9,6 @@ tools/gpu_check.py runs this file (and every other "cuda" test) on a GPU machine
 import contextlib
 import importlib.util
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -74,38 +73,6 @@ def _assert_matches_float64(outputs, args, dy):
             assert got is None, name
             continue
         torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol, msg=name)
-
-
-# ---- the CUDA kernel switch ----------------------------------------------------------------
-
-
-def test_cuda_kernel_switch_and_its_context_manager():
-    previous = lowrank_ext.cuda_kernels()
-    assert previous in BACKENDS
-    with lowrank_ext.use_cuda_kernels("fused"):
-        assert lowrank_ext.cuda_kernels() == "fused"
-        assert lowrank_ext.build_info()["cuda_backend"] == "fused"
-        with lowrank_ext.use_cuda_kernels("cublas"):
-            assert lowrank_ext.cuda_kernels() == "cublas"
-            assert lowrank_ext.build_info()["cuda_backend"] == "cublas"
-        assert lowrank_ext.cuda_kernels() == "fused"
-    assert lowrank_ext.cuda_kernels() == previous
-    with pytest.raises(ValueError, match="tensorcore"):
-        lowrank_ext.set_cuda_kernels("tensorcore")
-    assert lowrank_ext.cuda_kernels() == previous
-
-
-@pytest.mark.parametrize("name", [None, "fused"])
-def test_cuda_kernels_chosen_by_the_environment_at_import(name):
-    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_EXT_CUDA_KERNELS"}
-    if name is not None:
-        env["LOWRANK_EXT_CUDA_KERNELS"] = name
-    code = "import lowrank_ext as l; print(l.cuda_kernels(), l.build_info()['cuda_backend'])"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [name or "cublas"] * 2
 
 
 # ---- every SIMT tile height and the fallback -----------------------------------------------

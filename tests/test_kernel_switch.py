@@ -1,0 +1,86 @@
+"""The process-wide choice of CUDA kernels and build_info: plain settings, checked without a GPU
+(which kernels then run on a GPU is tests/test_cuda.py's part)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank_ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_switch_and_its_context_manager():
+    previous = lowrank_ext.cuda_kernels()
+    assert previous == "cublas"  # the default
+    with lowrank_ext.use_cuda_kernels("fused"):
+        assert lowrank_ext.cuda_kernels() == "fused"
+        assert lowrank_ext.build_info()["cuda_backend"] == "fused"
+        with lowrank_ext.use_cuda_kernels("cublas"):
+            assert lowrank_ext.cuda_kernels() == "cublas"
+        assert lowrank_ext.cuda_kernels() == "fused"
+    assert lowrank_ext.cuda_kernels() == previous
+
+
+def test_context_manager_restores_after_an_error():
+    with pytest.raises(KeyError), lowrank_ext.use_cuda_kernels("fused"):
+        raise KeyError("inside")
+    assert lowrank_ext.cuda_kernels() == "cublas"
+
+
+@pytest.mark.parametrize("name", ["tensorcore", "", "FUSED", None])
+def test_unknown_name_is_refused_naming_it(name):
+    with pytest.raises(ValueError, match=f"unknown CUDA kernels {name!r}"):
+        lowrank_ext.set_cuda_kernels(name)
+    with pytest.raises(ValueError, match=f"unknown CUDA kernels {name!r}"):
+        with lowrank_ext.use_cuda_kernels(name):
+            pass
+    assert lowrank_ext.cuda_kernels() == "cublas"
+
+
+def _import_with(value):
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_EXT_CUDA_KERNELS"}
+    if value is not None:
+        env["LOWRANK_EXT_CUDA_KERNELS"] = value
+    code = "import lowrank_ext as l; print(l.cuda_kernels(), l.build_info()['cuda_backend'])"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(None, "cublas"), ("fused", "fused"), ("cublas", "cublas")]
+)
+def test_environment_variable_sets_the_choice_at_import(value, expected):
+    out = _import_with(value)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, expected]
+
+
+def test_bad_environment_variable_fails_the_import_naming_it():
+    out = _import_with("cutlass")
+    assert out.returncode != 0
+    assert "LOWRANK_EXT_CUDA_KERNELS='cutlass' names no CUDA kernels" in out.stderr
+
+
+def test_build_info_says_what_runs():
+    info = lowrank_ext.build_info()
+    assert info["cuda_backend"] == "cublas"
+    # torch's x86-64 wheels link MKL and export its sgemm_/dgemm_: the CPU kernels call them.
+    if torch.backends.mkl.is_available():
+        assert info["cpu_gemm"] == "blas"
+    else:
+        assert info["cpu_gemm"] in ("blas", "aten")
+    assert set(info) >= {
+        "version",
+        "torch_built_against",
+        "torch_running",
+        "cuda_kernels",
+        "cuda_version",
+        "cuda_archs",
+        "cuda_device_available",
+    }
