@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     target_s = args.sample_ms / 1e3
 
     print(f"device: {device_name(device)}", file=sys.stderr)
+    load_at_start = load_average()
     bandwidth = copy_bandwidth(device)
     print(
         f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read+write)", file=sys.stderr
@@ -236,6 +237,7 @@ def main(argv=None) -> int:
         "warmup": warmup,
         "target_sample_s": target_s,
         "argv": sys.argv,
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
         "ratio": RATIO,
         "summary": summary(records, BAR),
     }
@@ -247,6 +249,12 @@ def main(argv=None) -> int:
         + f" | lowrank_ext {meta['build_info']['version']}"
         f" | copy {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s | medians per call\n"
     )
+    if not cuda and load_at_start is not None and load_at_start > 0.5:
+        print(
+            f"NOTE: load average {load_at_start:.1f} on {os.cpu_count()} cores before the run:"
+            " other jobs preempt torch's worker threads, and a parallel region then waits for"
+            " them (calls stuck at multiples of ~8 ms). Ratios are same-run, but rerun when idle.\n"
+        )
     print(table(records, impls))
     print(f"\n(speedup of fused) = {RATIO}. Summary:")
     for line in summary_lines(meta["summary"]):
@@ -260,6 +268,14 @@ def main(argv=None) -> int:
     else:
         print("matplotlib is not installed: skipped the PNG (pip install matplotlib)")
     return 0
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): a loaded CPU distorts timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def check_first_call(impl, pass_, problem, ref, step) -> float:
