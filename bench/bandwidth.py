@@ -1,8 +1,16 @@
 """The memory floor of the fused op: its compulsory traffic over the measured copy bandwidth.
 
-Forward reads x and writes y once; backward reads dy and x and writes dx once (DESIGN.md,
-"Performance"). Parameters (O((in+out)·r)) and t = x V (O(B·r)) are left out: they are small
-next to the activations at the benchmark shapes.
+Counted (floor_bytes), each tensor once per pass that must read or write it (DESIGN.md,
+"Performance"):
+- forward: x, U, S, V and bias read; y written;
+- backward: dy, x, U, S and V read; dx, dU, dS, dV and dbias written.
+fwd+bwd is the sum. The factors matter at small batch, where they are most of the bytes (at B=1
+nearly all); at B=4096 they are a few percent. Not counted: t = x V (B·r, an intermediate that
+may be recomputed or kept in cache) and any re-reads a kernel makes by choice.
+
+The bandwidth is a DRAM copy's. Small rows run with their inputs and factors warm in cache
+(timing.py), so "% floor" there can exceed 100 %: it means the data came from cache, not that
+the floor is wrong.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ from timing import measure, summarize
 
 def floor_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> int:
     elt = torch.empty((), dtype=dtype).element_size()
-    b, n, m = shape.batch, shape.in_features, shape.out_features
-    forward = b * (n + m)  # x read, y written
-    backward = b * (m + n + n)  # dy read, x read, dx written
+    b, n, m, r = shape.batch, shape.in_features, shape.out_features, shape.rank
+    factors = m * r + (r if shape.core == "diag" else r * r) + n * r + m  # U, S, V, bias
+    forward = b * (n + m) + factors  # x, factors read; y written
+    backward = b * (m + n + n) + 2 * factors  # dy, x, factors read; dx, their gradients written
     return elt * (forward if pass_ == "fwd" else forward + backward)
 
 

@@ -21,7 +21,11 @@ def throughput_vs_rank(records: list[dict], impls: list[str], path: Path, title:
     )
     passes = sorted({r["pass"] for r in records}, key=["fwd", "fwd+bwd"].index)
     fig, axes = plt.subplots(
-        len(groups), len(passes), squeeze=False, figsize=(5.5 * len(passes), 4 * len(groups))
+        len(groups),
+        len(passes),
+        squeeze=False,
+        figsize=(5.5 * len(passes), 4 * len(groups)),
+        layout="constrained",  # leaves room for the suptitle, whatever the number of rows
     )
     for gi, group in enumerate(groups):
         for pi, pass_ in enumerate(passes):
@@ -51,13 +55,19 @@ def throughput_vs_rank(records: list[dict], impls: list[str], path: Path, title:
                 title=f"{pass_}: B={b} in={n} out={m} {dtype}"
                 + (" full S" if core != "diag" else ""),
             )
-            ranks = sorted({r["rank"] for r in records})
+            ranks = sorted(  # this panel's ranks: small and large rows use different ones
+                {
+                    r["rank"]
+                    for r in records
+                    if (r["batch"], r["in_features"], r["out_features"], r["core"], r["dtype"])
+                    == group
+                }
+            )
             ax.xaxis.set_minor_locator(NullLocator())  # only the measured ranks as x ticks
             ax.set_xticks(ranks, [str(r) for r in ranks])
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

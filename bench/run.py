@@ -1,13 +1,28 @@
-"""Throughput table of lowrank_ext.linear against its baselines, in one run.
+"""Timing table of lowrank_ext.linear against its baselines, in one run.
 
-    python bench/run.py                      # quick default: ~5 min on a 2-core CPU
-    python bench/run.py --device cuda        # bf16 B=8192 in=out=4096 r=16,64,256
+    python bench/run.py                      # quick default (CPU, 2 cores: 4–6 min)
+    python bench/run.py --preset small       # only the small-batch rows
+    python bench/run.py --device cuda        # the same table on a GPU (bf16)
     python bench/run.py --full --max-autotune
 
-Prints a Markdown table (median per implementation, ratio baseline/fused: >1 means the fused op
-is faster, and the fused op's effective bandwidth and % of the memory floor), and writes
-OUT/results.json and OUT/throughput_vs_rank.png. Every implementation is checked against a
-float64 reference before it is timed.
+Rows: small-batch (B ∈ {1, 16, 64} × in→out ∈ {768→768, 768→3072, 4096→4096} × r ∈ {16, 32,
+64}) and large (CPU fp32 B=4096, CUDA bf16 B=8192, in=out=4096, r ∈ {16, 64, 256}; --full adds
+more), each forward under no_grad and forward+backward. Implementations (cases.py): fused, then
+two_linear (two nn.Linear layers) and compiled (torch.compile of the unfused formula) — the
+baselines that are the bar — and dense; eager and chained only with --impls.
+
+Prints a Markdown table (median time per call of each implementation, the speedup of the fused
+op = baseline median / fused median, > 1: fused is faster, and the fused op's effective
+bandwidth and % of the memory floor) and a summary (min and median speedup against two_linear
+and compiled, per pass, over the small rows and over the large rows), and writes
+OUT/results.json (meta: device, date, torch, CUDA, threads, ...; every record) and
+OUT/throughput_vs_rank.png. Every implementation is checked against a float64 reference before
+it is timed. Timing (timing.py): implementations interleaved round-robin, a sample is k
+back-to-back calls with k chosen so it lasts ≥ 2 ms, CUDA events on a GPU, inputs rotated cold
+in cache where they are large. Threads: torch's default (recorded), as a user would run.
+
+The default CPU run took 6.2 min on a loaded 2-core machine with an empty inductor cache (~60
+compiled graphs, one per shape and pass: ~65 s of it) and 4.1 min with a warm one.
 """
 
 from __future__ import annotations
@@ -25,20 +40,24 @@ from pathlib import Path
 import torch
 from bandwidth import copy_bandwidth, floor_bytes
 from cases import (
-    FULL,
+    BAR,
+    DEFAULT_DTYPES,
+    DEFAULT_IMPLS,
     IMPLS,
     MAX_AUTOTUNE,
     PASSES,
-    QUICK,
+    PRESETS,
     dtype_name,
+    is_small,
     make_problem,
     make_step,
     parse_dtype,
+    preset_shapes,
 )
 from correctness import Reference, check
 from plot import throughput_vs_rank
-from report import table, write_json
-from timing import copies_for_cold_cache, measure, summarize
+from report import RATIO, summary, summary_lines, table, write_json
+from timing import TARGET_SAMPLE_S, calls_per_sample, copies_for_cold_cache, measure, summarize
 from tqdm import tqdm
 
 import lowrank_ext
@@ -51,17 +70,42 @@ def parse_args(argv=None):
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="all",
+        help="rows: small-batch, large, or both (default)",
+    )
     p.add_argument("--dtype", nargs="+", help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--batch", nargs="+", type=int, help="rows of x (replaces the preset's)")
     p.add_argument("--features", nargs="+", help="N (in=out=N) or INxOUT (replaces the preset's)")
     p.add_argument("--ranks", nargs="+", type=int, help="replaces the preset's ranks")
-    p.add_argument("--repeats", type=int, help="timed calls per case (default: 7 CPU, 50 CUDA)")
     p.add_argument(
-        "--warmup", type=int, help="untimed calls after the check (default: 1 CPU, 5 CUDA)"
+        "--repeats",
+        type=int,
+        help="timed samples per implementation and row (default CPU: 30 where calls are looped,"
+        " 7 where one call is a sample; CUDA: 50)",
     )
-    p.add_argument("--impls", nargs="+", choices=[*IMPLS, MAX_AUTOTUNE], help="default: all")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed rounds after the check and the calibration of calls per sample, which"
+        " already warm up (default: 0 CPU, 2 CUDA)",
+    )
+    p.add_argument(
+        "--sample-ms",
+        type=float,
+        default=TARGET_SAMPLE_S * 1e3,
+        help="a sample is as many back-to-back calls as last this long (default %(default)s)",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=[*IMPLS, MAX_AUTOTUNE],
+        help=f"default: {' '.join(DEFAULT_IMPLS)}",
+    )
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    p.add_argument("--full", action="store_true", help="more ranks and shapes")
+    p.add_argument("--full", action="store_true", help="more large rows")
     p.add_argument(
         "--max-autotune",
         action="store_true",
@@ -73,7 +117,7 @@ def parse_args(argv=None):
 
 def select_shapes(args, device_type: str):
     """The preset's shapes, with --batch/--features/--ranks replacing those dimensions."""
-    shapes = (FULL if args.full else QUICK)[device_type]["shapes"]
+    shapes = preset_shapes(args.preset, device_type, args.full)
     if args.batch:
         shapes = [dataclasses.replace(s, batch=b) for s in shapes for b in args.batch]
     if args.features:
@@ -108,20 +152,18 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
-    impls = list(args.impls or IMPLS) + ([MAX_AUTOTUNE] if args.max_autotune else [])
-    impls = list(dict.fromkeys(impls))
+    impls = list(args.impls or DEFAULT_IMPLS) + ([MAX_AUTOTUNE] if args.max_autotune else [])
+    impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE].index)
     if device.type == "cuda" and "fused" in impls and not lowrank_ext.build_info()["cuda_kernels"]:
         sys.exit("lowrank_ext was built without CUDA kernels; rebuild with nvcc on PATH")
-    dtypes = [
-        parse_dtype(d)
-        for d in (args.dtype or (FULL if args.full else QUICK)[device.type]["dtypes"])
-    ]
+    dtypes = [parse_dtype(d) for d in (args.dtype or DEFAULT_DTYPES[device.type])]
     shapes = select_shapes(args, device.type)
     cuda = device.type == "cuda"
-    repeats = args.repeats or (50 if cuda else 7)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else (2 if cuda else 0)
+    target_s = args.sample_ms / 1e3
 
     print(f"device: {device_name(device)}", file=sys.stderr)
+    load_at_start = load_average()
     bandwidth = copy_bandwidth(device)
     print(
         f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read+write)", file=sys.stderr
@@ -129,8 +171,7 @@ def main(argv=None) -> int:
 
     records: list[dict] = []
     dense_done: dict[tuple, dict] = {}  # dense does not depend on the rank: time it once per shape
-    groups = len(dtypes) * len(shapes) * len(args.passes)
-    bar = tqdm(total=groups * (len(impls) + repeats), file=sys.stderr, unit="step")
+    bar = tqdm(total=len(dtypes) * len(shapes) * len(args.passes), file=sys.stderr, unit="row")
     for dtype in dtypes:
         for shape in shapes:
             elt = torch.empty((), dtype=dtype).element_size()
@@ -139,28 +180,42 @@ def main(argv=None) -> int:
             problem = make_problem(shape, dtype, device, copies=copies)
             ref = Reference(problem)
             for pass_ in args.passes:
-                label = f"r={shape.rank} {dtype_name(dtype)} {pass_}"
+                label = f"{shape.label()} {dtype_name(dtype)} {pass_}"
                 dense_key = (shape.batch, shape.in_features, shape.out_features, dtype, pass_)
                 steps, first_call = {}, {}
                 for impl in impls:
-                    bar.set_description(f"{label} check {impl}")
                     if not (impl == "dense" and dense_key in dense_done):
+                        bar.set_description(f"{label}: check {impl}")
                         steps[impl] = make_step(impl, problem, pass_)
                         first_call[impl] = check_first_call(impl, pass_, problem, ref, steps[impl])
-                    bar.update()
-                bar.set_description(f"{label} timing")
-                times = measure(steps, copies, device, warmup, repeats, tick=bar.update)
+                bar.set_description(f"{label}: timing")
+                calls = {n: calls_per_sample(s, device, copies, target_s) for n, s in steps.items()}
+                repeats = args.repeats or (50 if cuda else 30 if max(calls.values()) > 1 else 7)
+                times = measure(steps, copies, device, warmup, repeats, calls=calls)
                 stats = {
-                    n: {**summarize(t), "first_call_s": first_call[n]} for n, t in times.items()
+                    n: {
+                        **summarize(t),
+                        "first_call_s": first_call[n],
+                        "calls_per_sample": calls[n],
+                        "repeats": repeats,
+                    }
+                    for n, t in times.items()
                 }
                 if "dense" in stats:
                     dense_done[dense_key] = {**stats["dense"], "timed_at_rank": shape.rank}
                 if "dense" in impls:
                     stats["dense"] = dense_done[dense_key]
-                common = {**dataclasses.asdict(shape), "dtype": dtype_name(dtype), "pass": pass_}
-                group = [{**common, "impl": n, "copies": copies, **stats[n]} for n in impls]
+                common = {
+                    **dataclasses.asdict(shape),
+                    "dtype": dtype_name(dtype),
+                    "pass": pass_,
+                    "row_class": "small" if is_small(shape) else "large",
+                    "copies": copies,
+                }
+                group = [{**common, "impl": n, **stats[n]} for n in impls]
                 add_ratios_and_floor(group, shape, dtype, bandwidth["bytes_per_s"])
                 records += group
+                bar.update()
             del problem, ref
             gc.collect()
     bar.close()
@@ -170,20 +225,43 @@ def main(argv=None) -> int:
         "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "build_info": lowrank_ext.build_info(),
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "copy_bandwidth": bandwidth,
-        "repeats": repeats,
+        "preset": args.preset,
+        "full": args.full,
+        "impls": impls,
+        "bar": list(BAR),
+        "repeats": args.repeats or ("50" if cuda else "30 looped, 7 single-call"),
         "warmup": warmup,
+        "target_sample_s": target_s,
         "argv": sys.argv,
-        "ratio": "baseline median / fused median (>1: fused is faster)",
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
+        "ratio": RATIO,
+        "summary": summary(records, BAR),
     }
+    if cuda:
+        meta["device_capability"] = list(torch.cuda.get_device_capability(device))
     print(
-        f"\n{meta['device']} | torch {meta['torch']} | lowrank_ext {meta['build_info']['version']}"
-        f" | copy {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s | median of {repeats}\n"
+        f"\n{meta['device']} | torch {meta['torch']}"
+        + (f" | CUDA {meta['cuda']}" if cuda else "")
+        + f" | lowrank_ext {meta['build_info']['version']}"
+        f" | copy {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s | medians per call\n"
     )
+    if not cuda and load_at_start is not None and load_at_start > 0.5:
+        print(
+            f"NOTE: load average {load_at_start:.1f} on {os.cpu_count()} cores before the run:"
+            " other jobs preempt torch's worker threads, and a parallel region then waits for"
+            " them (calls stuck at multiples of ~8 ms). Ratios are same-run, but rerun when idle.\n"
+        )
     print(table(records, impls))
+    print(f"\n(speedup of fused) = {RATIO}. Summary:")
+    for line in summary_lines(meta["summary"]):
+        print(f"- {line}")
     json_path = args.out / "results.json"
     write_json(json_path, meta, records)
     print(f"\nwrote {json_path}")
@@ -193,6 +271,14 @@ def main(argv=None) -> int:
     else:
         print("matplotlib is not installed: skipped the PNG (pip install matplotlib)")
     return 0
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): a loaded CPU distorts timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def check_first_call(impl, pass_, problem, ref, step) -> float:
@@ -208,13 +294,15 @@ def check_first_call(impl, pass_, problem, ref, step) -> float:
 
 
 def add_ratios_and_floor(group: list[dict], shape, dtype, copy_bytes_per_s: float) -> None:
-    """ratio = baseline / fused; the fused op's effective bandwidth and % of the memory floor."""
+    """ratio = baseline / fused (on each baseline's record, and all of them in the fused
+    record's "speedup"); the fused op's floor bytes, effective bandwidth and % of the floor."""
     fused = next((r for r in group if r["impl"] == "fused"), None)
     for rec in group:
         rec["ratio"] = None
         if fused is not None and rec is not fused:
             rec["ratio"] = rec["median_s"] / fused["median_s"]
     if fused is not None:
+        fused["speedup"] = {r["impl"]: r["ratio"] for r in group if r is not fused}
         nbytes = floor_bytes(shape, dtype, fused["pass"])
         fused["floor_bytes"] = nbytes
         fused["floor_s"] = nbytes / copy_bytes_per_s
