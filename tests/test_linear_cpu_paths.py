@@ -94,11 +94,32 @@ def test_huge_rank_small_batch_sizes_work_memory_by_rows():
         _assert_close_normwise(got, want, 1e-5)
 
 
-def test_non_contiguous_inputs_single_row():
+@pytest.mark.parametrize("shape", [(1, 12, 10, 3), (300, 16, 12, 5), (5, 1, 7, 1)])
+@pytest.mark.parametrize("core", ["diag", "full"])
+def test_factors_in_transposed_storage_are_read_in_place(shape, core, threads):
+    # torch.linalg.qr/svd return column-major factors; the kernels read them through BLAS's
+    # transpose flags instead of copying them on every call. Same values, same answer.
+    B, n, m, r = shape
     gen = torch.Generator().manual_seed(11)
-    x, U, S, V, b = make_factors((1,), 12, 10, 3, dtype=torch.float32, generator=gen)
-    # The same values in transposed storage.
-    Ut, Vt = U.t().contiguous().t(), V.t().contiguous().t()
-    assert not Ut.is_contiguous() and not Vt.is_contiguous()
-    y = lowrank_ext.linear(x, Ut, S, Vt, b)
-    torch.testing.assert_close(y.double(), reference.linear(*as_float64(x, U, S, V, b)))
+    args = make_factors((B,), n, m, r, core=core, dtype=torch.float32, generator=gen)
+    x, U, S, V, b = args
+
+    def transposed_storage(t):
+        return t.t().contiguous().t() if t.dim() == 2 else t
+
+    moved = [x, transposed_storage(U), transposed_storage(S), transposed_storage(V), b]
+    assert all(m.equal(a) for m, a in zip(moved, args, strict=True))
+    leaves = _leaves(moved)
+    for leaf, arg in zip(leaves[1:4], moved[1:4], strict=True):
+        leaf.data = arg  # keep the column-major strides on the leaves
+    if r > 1:
+        assert not leaves[1].is_contiguous() and not leaves[3].is_contiguous()
+    y = lowrank_ext.linear(*leaves)
+    dy = torch.randn(B, m, generator=gen)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = _leaves(as_float64(*args))
+    y_ref = reference.linear(*ref_leaves)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    _assert_close_normwise(y, y_ref, 1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _assert_close_normwise(got, want, 1e-5)

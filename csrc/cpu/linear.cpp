@@ -69,6 +69,42 @@ class Scratch {
   T* data_ = nullptr;
 };
 
+// A factor read where it lies: row-major with row stride ld, or, when `transposed`, the transpose
+// of a row-major matrix (a column-major tensor, as torch.linalg.qr/svd return and .t() makes).
+// BLAS takes either through its transpose flags, so such factors are not copied on every call.
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t ld;
+  bool transposed;
+  // The BLAS flag that applies `op` to this matrix.
+  Op as(Op op) const { return transposed == (op == Op::T) ? Op::N : Op::T; }
+};
+
+// `keep` holds the memory Mat points to (t itself, or a contiguous copy for other strides).
+template <typename T>
+Mat<T> as_mat(const at::Tensor& t, at::Tensor& keep) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1)) {
+    keep = t;
+    return {keep.const_data_ptr<T>(), t.stride(0), false};
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1)) {
+    keep = t;
+    return {keep.const_data_ptr<T>(), t.stride(1), true};
+  }
+  keep = t.contiguous();
+  return {keep.const_data_ptr<T>(), std::max<int64_t>(cols, 1), false};
+}
+
+// S as a Mat: a full core where it lies, a diagonal as a contiguous vector in .p.
+template <typename T>
+Mat<T> factor_core(const at::Tensor& S, at::Tensor& keep) {
+  if (S.dim() == 2) return as_mat<T>(S, keep);
+  keep = S.contiguous();
+  return {keep.const_data_ptr<T>(), 1, false};
+}
+
 // How the core meets the batch in the forward.
 //   kScale: diagonal S scales t (B·r multiplies; never folded into U, which would cost out·r
 //           and an allocation on every call).
@@ -79,9 +115,9 @@ enum class Core { kScale, kCoreOnBatch, kFolded };
 template <typename T>
 struct Forward {
   const T* x;     // (B, n)
-  const T* V;     // (n, r)
-  const T* S;     // (r) or (r, r)
-  const T* M;     // (m, r): U, or U S when folded
+  Mat<T> V;       // (n, r)
+  Mat<T> S;       // (r, r) core, or (r) contiguous diagonal in S.p
+  Mat<T> M;       // (m, r): U, or U S when folded
   const T* bias;  // (m) or null
   T* y;           // (B, m)
   T* t;           // (B, r) when t is saved, else null
@@ -91,16 +127,16 @@ struct Forward {
   // Rows [row, row + rows); work holds 2·rows·r elements.
   void block(int64_t row, int64_t rows, T* work) const {
     T* tb = t != nullptr ? t + row * r : work;
-    gemm<T>(Op::N, Op::N, rows, r, n, 1, x + row * n, n, V, r, 0, tb, r);
+    gemm<T>(Op::N, V.as(Op::N), rows, r, n, 1, x + row * n, n, V.p, V.ld, 0, tb, r);
     const T* z = tb;
     if (core == Core::kScale) {
       T* zb = t != nullptr ? work : tb;  // the saved t stays unscaled
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < r; ++c) zb[i * r + c] = tb[i * r + c] * S[c];
+        for (int64_t c = 0; c < r; ++c) zb[i * r + c] = tb[i * r + c] * S.p[c];
       z = zb;
     } else if (core == Core::kCoreOnBatch) {
       T* zb = work + rows * r;
-      gemm<T>(Op::N, Op::T, rows, r, r, 1, tb, r, S, r, 0, zb, r);
+      gemm<T>(Op::N, S.as(Op::T), rows, r, r, 1, tb, r, S.p, S.ld, 0, zb, r);
       z = zb;
     }
     T* yb = y + row * m;
@@ -109,7 +145,7 @@ struct Forward {
       for (int64_t i = 0; i < rows; ++i) std::copy(bias, bias + m, yb + i * m);
       beta = 1;
     }
-    gemm<T>(Op::N, Op::T, rows, m, r, 1, z, r, M, r, beta, yb, m);
+    gemm<T>(Op::N, M.as(Op::T), rows, m, r, 1, z, r, M.p, M.ld, beta, yb, m);
   }
 };
 
@@ -128,9 +164,9 @@ struct Backward {
   const T* dy;  // (B, m)
   const T* x;   // (B, n), or null when neither dV nor a recomputed t needs it
   const T* t;   // (B, r) saved, or null: recomputed from x when dU or dS needs it
-  const T* U;
-  const T* S;
-  const T* V;
+  Mat<T> U;
+  Mat<T> S;  // as in Forward
+  Mat<T> V;
   T* dx;  // (B, n) or null
   int64_t n, m, r;
   bool diag, need_dx, need_dU, need_dS, need_dV, need_db;
@@ -150,7 +186,7 @@ struct Backward {
       if (t != nullptr) {
         tb = t + row * r;
       } else {
-        gemm<T>(Op::N, Op::N, rows, r, n, 1, xb, n, V, r, 0, buf_t, r);
+        gemm<T>(Op::N, V.as(Op::N), rows, r, n, 1, xb, n, V.p, V.ld, 0, buf_t, r);
         tb = buf_t;
       }
     }
@@ -161,14 +197,14 @@ struct Backward {
     if (need_dU) {  // dU += dyᵀ z, z = t Sᵀ
       if (diag) {
         for (int64_t i = 0; i < rows; ++i)
-          for (int64_t c = 0; c < r; ++c) buf_z[i * r + c] = tb[i * r + c] * S[c];
+          for (int64_t c = 0; c < r; ++c) buf_z[i * r + c] = tb[i * r + c] * S.p[c];
       } else {
-        gemm<T>(Op::N, Op::T, rows, r, r, 1, tb, r, S, r, 0, buf_z, r);
+        gemm<T>(Op::N, S.as(Op::T), rows, r, r, 1, tb, r, S.p, S.ld, 0, buf_z, r);
       }
       gemm<T>(Op::T, Op::N, m, r, rows, 1, dyb, m, buf_z, r, beta, sums.dU, r);
     }
     if (!(need_dS || need_dV || need_dx)) return;
-    gemm<T>(Op::N, Op::N, rows, r, m, 1, dyb, m, U, r, 0, buf_g, r);  // g = dy U
+    gemm<T>(Op::N, U.as(Op::N), rows, r, m, 1, dyb, m, U.p, U.ld, 0, buf_g, r);  // g = dy U
     if (need_dS) {  // diagonal: dS += Σ_b g ⊙ t; full: dS += gᵀ t
       if (diag) {
         for (int64_t c = 0; c < r; ++c) {
@@ -184,12 +220,12 @@ struct Backward {
     T* dt = buf_z;  // dt = g S, the gradient of t
     if (diag) {
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < r; ++c) dt[i * r + c] = buf_g[i * r + c] * S[c];
+        for (int64_t c = 0; c < r; ++c) dt[i * r + c] = buf_g[i * r + c] * S.p[c];
     } else {
-      gemm<T>(Op::N, Op::N, rows, r, r, 1, buf_g, r, S, r, 0, dt, r);
+      gemm<T>(Op::N, S.as(Op::N), rows, r, r, 1, buf_g, r, S.p, S.ld, 0, dt, r);
     }
     if (need_dV) gemm<T>(Op::T, Op::N, n, r, rows, 1, xb, n, dt, r, beta, sums.dV, r);
-    if (need_dx) gemm<T>(Op::N, Op::T, rows, n, r, 1, dt, r, V, r, 0, dx + row * n, n);
+    if (need_dx) gemm<T>(Op::N, V.as(Op::T), rows, n, r, 1, dt, r, V.p, V.ld, 0, dx + row * n, n);
   }
 };
 
@@ -233,16 +269,17 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   const Core core = sz.diagonal_core                  ? Core::kScale
                     : sz.batch >= sz.out_features ? Core::kFolded
                                                       : Core::kCoreOnBatch;
-  const at::Tensor xc = x.contiguous(), Vc = V.contiguous(), Sc = S.contiguous();
-  const at::Tensor M = core == Core::kFolded ? at::mm(U, S).contiguous() : U.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor M = core == Core::kFolded ? at::mm(U, S) : U;
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_ext_linear_forward_cpu", [&] {
+    at::Tensor keep_V, keep_S, keep_M;
     const Forward<scalar_t> f{xc.const_data_ptr<scalar_t>(),
-                              Vc.const_data_ptr<scalar_t>(),
-                              Sc.const_data_ptr<scalar_t>(),
-                              M.const_data_ptr<scalar_t>(),
+                              as_mat<scalar_t>(V, keep_V),
+                              factor_core<scalar_t>(S, keep_S),
+                              as_mat<scalar_t>(M, keep_M),
                               has_bias ? bc.const_data_ptr<scalar_t>() : nullptr,
                               y.mutable_data_ptr<scalar_t>(),
                               save_t ? t.mutable_data_ptr<scalar_t>() : nullptr,
@@ -286,7 +323,6 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const at::Tensor dyc = grad_y.contiguous();
   const at::Tensor xc = need_x ? x.contiguous() : at::Tensor();
   const at::Tensor tc = (need_dU || need_dS) && !recompute_t ? t.contiguous() : at::Tensor();
-  const at::Tensor Uc = U.contiguous(), Sc = S.contiguous(), Vc = V.contiguous();
   const int64_t block = backward_rows(r);
   const bool split = split_over_threads(B, block);
   // Split over threads: one zeroed set of sums per thread, added up at the end.
@@ -302,12 +338,13 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_ext_linear_backward_cpu", [&] {
     using T = scalar_t;
+    at::Tensor keep_U, keep_S, keep_V;
     const Backward<T> b{dyc.const_data_ptr<T>(),
                         need_x ? xc.const_data_ptr<T>() : nullptr,
                         tc.defined() ? tc.const_data_ptr<T>() : nullptr,
-                        Uc.const_data_ptr<T>(),
-                        Sc.const_data_ptr<T>(),
-                        Vc.const_data_ptr<T>(),
+                        as_mat<T>(U, keep_U),
+                        factor_core<T>(S, keep_S),
+                        as_mat<T>(V, keep_V),
                         need_dx ? dx.mutable_data_ptr<T>() : nullptr,
                         n,
                         m,
