@@ -35,9 +35,17 @@ using cpu::Op;
 int64_t forward_rows(int64_t rank) { return std::max<int64_t>(64, 4 * rank); }
 int64_t backward_rows(int64_t rank) { return std::max<int64_t>(64, 8 * rank); }
 
-bool split_over_threads(int64_t batch, int64_t block) {
-  return batch > block && at::get_num_threads() > 1 && !at::in_parallel_region();
+// Whether threads split the batch (each then runs its own blocks with single-threaded BLAS)
+// rather than the BLAS threading each call itself. The forward splits once every thread gets
+// 32 rows; the backward only past one block, because each thread then needs its own zeroed
+// (in + out)·r sums that are added up at the end. Measured with bench/run.py on the 2-core EPYC
+// (bench/RESULTS.md): at B = 64 the split forward is faster, the split backward slower.
+bool split_over_threads(int64_t batch, int64_t min_rows) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && batch >= min_rows && !at::in_parallel_region();
 }
+
+constexpr int64_t kForwardRowsPerThread = 32;
 
 // Grain of at::parallel_for: a whole block, but never so large that a thread is left idle.
 int64_t grain(int64_t batch, int64_t block) {
@@ -229,19 +237,20 @@ struct Backward {
   }
 };
 
-// Runs body(row, rows, work) over the batch in blocks: on the calling thread, or spread over
-// threads with one scratch per worker sized by the rows it actually gets (never by r alone).
+// Runs body(row, rows, work) over the batch in blocks: on the calling thread, or, from
+// min_split_rows rows on, spread over threads with one scratch per worker sized by the rows it
+// actually gets (never by r alone).
 template <typename T, typename Body>
-void over_blocks(int64_t batch, int64_t block, int64_t work_per_row, int64_t work_fixed,
+void over_blocks(int64_t batch, int64_t block, int64_t work_per_row, int64_t min_split_rows,
                  Body&& body) {
   auto run = [&](int64_t begin, int64_t end) {
     const int64_t rows_max = std::min(block, end - begin);
-    const Scratch<T> work(rows_max * work_per_row + work_fixed);
+    const Scratch<T> work(rows_max * work_per_row);
     for (int64_t row = begin; row < end; row += block) {
       body(row, std::min(block, end - row), work.get());
     }
   };
-  if (!split_over_threads(batch, block)) {
+  if (!split_over_threads(batch, min_split_rows)) {
     run(0, batch);
   } else {
     at::parallel_for(0, batch, grain(batch, block), [&](int64_t begin, int64_t end) {
@@ -287,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                               sz.out_features,
                               sz.rank,
                               core};
-    over_blocks<scalar_t>(sz.batch, forward_rows(sz.rank), 2 * sz.rank, 0,
+    over_blocks<scalar_t>(sz.batch, forward_rows(sz.rank), 2 * sz.rank,
+                          kForwardRowsPerThread * at::get_num_threads(),
                           [&](int64_t row, int64_t rows, scalar_t* work) {
                             f.block(row, rows, work);
                           });
@@ -324,7 +334,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const at::Tensor xc = need_x ? x.contiguous() : at::Tensor();
   const at::Tensor tc = (need_dU || need_dS) && !recompute_t ? t.contiguous() : at::Tensor();
   const int64_t block = backward_rows(r);
-  const bool split = split_over_threads(B, block);
+  const bool split = split_over_threads(B, block + 1);
   // Split over threads: one zeroed set of sums per thread, added up at the end.
   const int64_t slots = split ? at::get_num_threads() : 1;
   auto partial = [&](bool needed, const at::Tensor& out) {
@@ -369,7 +379,8 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     };
     if (!split) {
       Sums<T> sums = slot_sums(0);
-      over_blocks<T>(B, block, 3 * r + 1, 0, [&](int64_t row, int64_t rows, T* work) {
+      over_blocks<T>(B, block, 3 * r + 1, /*min_split_rows=*/B + 1,
+                     [&](int64_t row, int64_t rows, T* work) {
         b.block(row, rows, work, sums);
       });
     } else {
