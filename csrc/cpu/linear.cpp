@@ -31,9 +31,11 @@ using cpu::Op;
 // Rows per block. At small r a block of 64 rows of x (1 MiB of fp32 at in = 4096) stays in L2
 // between the GEMMs that read it. Blocks grow with r because BLAS runs short GEMMs poorly and,
 // in the backward, every block re-reads and re-writes the (in + out)×r gradient accumulators:
-// 2r/rows of a block's own traffic. Measured on a 2-core EPYC (bench/RESULTS.md).
+// 2r/rows of a block's own traffic. The backward's blocks stay at 2r rows: with 8r (the
+// earlier choice) a block of dy and x at r = 64 was 8 MiB, read three times from beyond L2;
+// on the 2-core EPYC 2r was as fast or faster at B = 4096 (bench/RESULTS.md, 2026-11-30).
 int64_t forward_rows(int64_t rank) { return std::max<int64_t>(64, 4 * rank); }
-int64_t backward_rows(int64_t rank) { return std::max<int64_t>(64, 8 * rank); }
+int64_t backward_rows(int64_t rank) { return std::max<int64_t>(64, 2 * rank); }
 
 // Whether threads split the batch (each then runs its own blocks with single-threaded BLAS)
 // rather than the BLAS threading each call itself. The forward splits once every thread gets
