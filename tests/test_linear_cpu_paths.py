@@ -41,6 +41,20 @@ def _leaves(args):
     return [None if t is None else t.detach().clone().requires_grad_() for t in args]
 
 
+def _check_against_float64(leaves, args, dy):
+    """y and every gradient of lowrank_ext.linear(*leaves) against the float64 reference on
+    `args` (the same values)."""
+    wanted = [t for t in leaves if t is not None]
+    y = lowrank_ext.linear(*leaves)
+    grads = torch.autograd.grad(y, wanted, dy)
+    ref_leaves = _leaves(as_float64(*args))
+    y_ref = reference.linear(*ref_leaves)
+    ref_grads = torch.autograd.grad(y_ref, [t for t in ref_leaves if t is not None], dy.double())
+    _assert_close_normwise(y, y_ref, 1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _assert_close_normwise(got, want, 1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-in{}-out{}-r{}".format(*s))
 @pytest.mark.parametrize("core", ["diag", "full"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -49,15 +63,7 @@ def test_forward_and_every_gradient_match_float64(shape, core, bias, threads):
     gen = torch.Generator().manual_seed(B * 1000 + n + m + r)
     args = make_factors((B,), n, m, r, core=core, bias=bias, dtype=torch.float32, generator=gen)
     dy = torch.randn(B, m, generator=gen)
-    leaves = _leaves(args)
-    y = lowrank_ext.linear(*leaves)
-    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
-    ref_leaves = _leaves(as_float64(*args))
-    y_ref = reference.linear(*ref_leaves)
-    ref_grads = torch.autograd.grad(y_ref, [t for t in ref_leaves if t is not None], dy.double())
-    _assert_close_normwise(y, y_ref, 1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        _assert_close_normwise(got, want, 1e-5)
+    _check_against_float64(_leaves(args), args, dy)
 
 
 @pytest.mark.parametrize("shape", [(1, 33, 17, 5), (700, 40, 24, 6)])
@@ -82,16 +88,7 @@ def test_huge_rank_small_batch_sizes_work_memory_by_rows():
     B, n, m, r = 70, 45, 77, 60000
     gen = torch.Generator().manual_seed(3)
     args = make_factors((B,), n, m, r, dtype=torch.float32, generator=gen)
-    leaves = _leaves(args)
-    y = lowrank_ext.linear(*leaves)
-    dy = torch.randn(B, m, generator=gen)
-    grads = torch.autograd.grad(y, leaves, dy)
-    ref_leaves = _leaves(as_float64(*args))
-    y_ref = reference.linear(*ref_leaves)
-    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
-    _assert_close_normwise(y, y_ref, 1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        _assert_close_normwise(got, want, 1e-5)
+    _check_against_float64(_leaves(args), args, torch.randn(B, m, generator=gen))
 
 
 @pytest.mark.parametrize("shape", [(1, 12, 10, 3), (300, 16, 12, 5), (5, 1, 7, 1)])
@@ -114,12 +111,4 @@ def test_factors_in_transposed_storage_are_read_in_place(shape, core, threads):
         leaf.data = arg  # keep the column-major strides on the leaves
     if r > 1:
         assert not leaves[1].is_contiguous() and not leaves[3].is_contiguous()
-    y = lowrank_ext.linear(*leaves)
-    dy = torch.randn(B, m, generator=gen)
-    grads = torch.autograd.grad(y, leaves, dy)
-    ref_leaves = _leaves(as_float64(*args))
-    y_ref = reference.linear(*ref_leaves)
-    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
-    _assert_close_normwise(y, y_ref, 1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        _assert_close_normwise(got, want, 1e-5)
+    _check_against_float64(leaves, args, torch.randn(B, m, generator=gen))
