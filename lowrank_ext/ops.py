@@ -62,7 +62,11 @@ def cuda_kernels() -> str:
 
 @contextlib.contextmanager
 def use_cuda_kernels(name: str) -> Iterator[None]:
-    """Context manager: `set_cuda_kernels(name)` inside, the previous choice restored after."""
+    """Context manager: `set_cuda_kernels(name)` inside, the previous choice restored after.
+
+    The choice is process-wide, not per thread: blocks entered by several threads at once
+    restore each other's choices in whatever order they exit. Choose once, or from one thread.
+    """
     previous = cuda_kernels()
     set_cuda_kernels(name)
     try:
@@ -78,8 +82,9 @@ def cpu_gemm() -> str:
 
 
 def _kernels_from_environment() -> None:
-    name = os.environ.get(CUDA_KERNELS_ENV)
-    if name is None:
+    # Unset or empty: the default. Case and surrounding blanks do not matter.
+    name = os.environ.get(CUDA_KERNELS_ENV, "").strip().lower()
+    if not name:
         return
     if name not in CUDA_KERNELS:
         raise ValueError(
@@ -181,8 +186,23 @@ def _linear_forward_fake(x, U, S, V, bias, save_t):
     return y, t
 
 
+def _check_same_device(op, ref_name, ref, **others):
+    # A fake call with one meta argument among real ones must fail as the kernels would,
+    # not return uninitialized "gradients".
+    for name, other in others.items():
+        torch._check(
+            other.device == ref.device,
+            lambda name=name, other=other: (
+                f"{op}: argument '{name}' is on {other.device} but {ref_name} is on {ref.device}"
+            ),
+        )
+
+
 @torch.library.register_fake("lowrank_ext::linear_backward")
 def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
+    _check_fake_args(x, U, S, V, None)
+    _check_same_device("lowrank_ext.linear_backward", "x", x, grad_y=grad_y, t=t)
+
     def grad_like(needed, like):
         return like.new_empty(like.shape) if needed else like.new_empty((0,))
 
@@ -255,6 +275,10 @@ def _project_out_forward_fake(Q, X, passes, normalize):
 
 @torch.library.register_fake("lowrank_ext::project_out_backward")
 def _project_out_backward_fake(grad_Y, Q, X, Y, coeffs, norms, passes, normalize, output_mask):
+    _check_project_out_fake_args(Q, X, passes)
+    _check_same_device(
+        "lowrank_ext.project_out_backward", "X", X, grad_Y=grad_Y, Y=Y, coeffs=coeffs, norms=norms
+    )
     grad_Q = Q.new_empty(Q.shape) if output_mask[0] else Q.new_empty((0,))
     grad_X = X.new_empty(X.shape) if output_mask[1] else X.new_empty((0,))
     return grad_Q, grad_X

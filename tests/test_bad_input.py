@@ -144,3 +144,50 @@ def test_module_input_of_wrong_width():
     layer = LowRankLinear(6, 5, 2)
     with pytest.raises(RuntimeError, match="x has 7 features"):
         layer(torch.randn(3, 7))
+
+
+# ---- found by a review of the C++ autograd (issue 13) ------------------------------------------
+
+
+def test_backward_op_with_one_meta_argument_is_refused_not_garbage():
+    x, U, S, V = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2), torch.randn(4, 2)
+    dy = torch.randn(3, 5)
+    backward = torch.ops.lowrank_ext.linear_backward
+    with pytest.raises(RuntimeError, match="argument 't' is on meta but x is on cpu"):
+        backward(dy, x, torch.randn(3, 2, device="meta"), U, S, V, [True] * 5)
+    with pytest.raises(RuntimeError, match="'U' is on meta but x is on cpu"):
+        backward(dy, x, x @ V, U.to("meta"), S, V, [True] * 5)
+
+
+def test_project_out_backward_with_one_meta_argument_is_refused():
+    Q = torch.linalg.qr(torch.randn(6, 2))[0]
+    X = torch.randn(6, 3)
+    Y, coeffs, norms = torch.ops.lowrank_ext.project_out_forward(Q, X, 2, False)
+    with pytest.raises(RuntimeError, match="argument 'coeffs' is on meta but X is on cpu"):
+        torch.ops.lowrank_ext.project_out_backward(
+            torch.randn(6, 3), Q, X, Y, coeffs.to("meta"), norms, 2, False, [True, True]
+        )
+
+
+@pytest.mark.parametrize("batch", [(3,), (0,), (2, 0)])
+def test_double_backward_with_no_output_features(batch):
+    # The bias gradient of an empty output is (0,), also under create_graph=True.
+    x = torch.randn(*batch, 4, dtype=torch.float64)
+    U, S, V = (torch.randn(*s, dtype=torch.float64) for s in ((0, 2), (2,), (4, 2)))
+    b = torch.randn(0, dtype=torch.float64, requires_grad=True)
+    y = lowrank_ext.linear(x, U, S, V, b)
+    (grad,) = torch.autograd.grad(y, b, torch.ones_like(y), create_graph=True)
+    assert grad.shape == (0,)
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    import torch.autograd.forward_ad as fwAD
+
+    x, U, S, V = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2), torch.randn(4, 2)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(U, torch.ones_like(U))
+        with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+            lowrank_ext.linear(x, dual, S, V)
+        dual_x = fwAD.make_dual(torch.randn(6, 2), torch.ones(6, 2))
+        with pytest.raises(RuntimeError, match="project_out: forward-mode AD"):
+            lowrank_ext.project_out(torch.linalg.qr(torch.randn(6, 1))[0], dual_x)

@@ -53,7 +53,14 @@ def _import_with(value):
 
 
 @pytest.mark.parametrize(
-    "value, expected", [(None, "cublas"), ("fused", "fused"), ("cublas", "cublas")]
+    "value, expected",
+    [
+        (None, "cublas"),
+        ("", "cublas"),
+        ("fused", "fused"),
+        (" Fused ", "fused"),
+        ("cublas", "cublas"),
+    ],
 )
 def test_environment_variable_sets_the_choice_at_import(value, expected):
     out = _import_with(value)

@@ -14,6 +14,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <numeric>
+#include <vector>
+
 namespace lowrank_ext {
 namespace {
 
@@ -39,6 +42,23 @@ at::Tensor plain_linear(const at::Tensor& x, const at::Tensor& U, const at::Tens
                         const at::Tensor& V) {
   const at::Tensor t = at::matmul(x, V);
   return at::matmul(S.dim() == 1 ? t * S : at::matmul(t, S.t()), U.t());
+}
+
+// Σ of dy over every leading dim: (out_features,), also for an empty batch or out_features = 0.
+at::Tensor sum_over_batch(const at::Tensor& dy) {
+  std::vector<int64_t> dims(static_cast<size_t>(dy.dim() - 1));
+  std::iota(dims.begin(), dims.end(), int64_t{0});
+  return dims.empty() ? dy : dy.sum(dims);
+}
+
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) has no formula here: refuse a
+// tangent rather than drop it (the backend kernel would return y with no tangent at all).
+void refuse_forward_grad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs) {
+    TORCH_CHECK(t == nullptr || !t->defined() || !t->_fw_grad(/*level=*/0).defined(), op,
+                ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported; "
+                "use reverse mode (backward, torch.autograd.grad)");
+  }
 }
 
 struct LinearFunction : torch::autograd::Function<LinearFunction> {
@@ -80,7 +100,7 @@ struct LinearFunction : torch::autograd::Function<LinearFunction> {
         for (int i = 0, k = 0; i < 4; ++i)
           if (mask[i]) grads[i] = g[k++];
       }
-      if (mask[4]) grads[4] = dy.reshape({-1, dy.size(-1)}).sum(0);
+      if (mask[4]) grads[4] = sum_over_batch(dy);
       return grads;
     }
     static const auto op = find_op<BackwardOp>("lowrank_ext::linear_backward");
@@ -102,6 +122,7 @@ bool needs_grad(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
                            const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  refuse_forward_grad("lowrank_ext.linear", {&x, &U, &S, &V, bias ? &*bias : nullptr});
   if (!needs_grad(x, U, S, V, bias)) {
     static const auto op = find_op<LinearOp>("lowrank_ext::linear");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -116,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_autograd(const at::Tensor& x,
                                                            const at::Tensor& V,
                                                            const std::optional<at::Tensor>& bias,
                                                            bool save_t) {
+  refuse_forward_grad("lowrank_ext.linear_forward", {&x, &U, &S, &V, bias ? &*bias : nullptr});
   if (!needs_grad(x, U, S, V, bias)) {
     static const auto op = find_op<ForwardOp>("lowrank_ext::linear_forward");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -77,12 +77,20 @@ struct ProjectOutFunction : torch::autograd::Function<ProjectOutFunction> {
   }
 };
 
+// See refuse_forward_grad in autograd/linear.cpp.
+void refuse_forward_grad(const at::Tensor& Q, const at::Tensor& X) {
+  TORCH_CHECK(!Q._fw_grad(0).defined() && !X._fw_grad(0).defined(),
+              "lowrank_ext.project_out: forward-mode AD (torch.autograd.forward_ad, "
+              "torch.func.jvp) is not supported; use reverse mode (backward, torch.autograd.grad)");
+}
+
 bool needs_grad(const at::Tensor& Q, const at::Tensor& X) {
   return c10::GradMode::is_enabled() && (Q.requires_grad() || X.requires_grad());
 }
 
 at::Tensor project_out_autograd(const at::Tensor& Q, const at::Tensor& X, int64_t passes,
                                 bool normalize) {
+  refuse_forward_grad(Q, X);
   if (!needs_grad(Q, X)) {
     static const auto op = find_op<ProjectOutOp>("lowrank_ext::project_out");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -93,6 +101,7 @@ at::Tensor project_out_autograd(const at::Tensor& Q, const at::Tensor& X, int64_
 
 ProjectOutResult project_out_forward_autograd(const at::Tensor& Q, const at::Tensor& X,
                                               int64_t passes, bool normalize) {
+  refuse_forward_grad(Q, X);
   if (!needs_grad(Q, X)) {
     static const auto op = find_op<ForwardOp>("lowrank_ext::project_out_forward");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
