@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <climits>
-#include <vector>
 
 extern "C" {
 // Fortran BLAS (column-major, arguments by reference, 32-bit integers: the LP64 interface that
@@ -115,26 +114,6 @@ void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A
     return;
   }
   if (try_gemv(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)) return;
-  if (k == 1) {  // an outer product (a weight gradient at batch 1): BLAS packs for nothing
-    const int64_t a_step = op_a == Op::N ? lda : 1, b_step = op_b == Op::N ? 1 : ldb;
-    const T* b = B;
-    std::vector<T> packed;
-    if (b_step != 1) {  // gather a strided row once, so the inner loop is contiguous
-      packed.resize(static_cast<size_t>(n));
-      for (int64_t j = 0; j < n; ++j) packed[j] = B[j * b_step];
-      b = packed.data();
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      const T a = alpha * A[i * a_step];
-      T* c = C + i * ldc;
-      if (beta == T(0)) {
-        for (int64_t j = 0; j < n; ++j) c[j] = a * b[j];
-      } else {
-        for (int64_t j = 0; j < n; ++j) c[j] = beta * c[j] + a * b[j];
-      }
-    }
-    return;
-  }
   // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands, keep the
   // transpose flags (a row-major matrix read column-major is its own transpose).
   const char ta = op_b == Op::T ? 'T' : 'N', tb = op_a == Op::T ? 'T' : 'N';
