@@ -97,7 +97,9 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     extension = CUDAExtension(
         "lowrank_ext._C",
-        sources("csrc/*.cpp") + sources("csrc/autograd/*.cpp") + sources("csrc/cpu/*.cpp")
+        sources("csrc/*.cpp")
+        + sources("csrc/autograd/*.cpp")
+        + sources("csrc/cpu/*.cpp")
         + sources("csrc/cuda/*.cu"),
         include_dirs=[str(ROOT / "csrc")],
         define_macros=[("LOWRANK_EXT_WITH_CUDA", "1")],
