@@ -63,6 +63,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_fused(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& bias,
                                                         bool save_t);
 
+// t = x V as the CUDA forwards save it (dtype saved_t_dtype), from x as (batch, in).
+at::Tensor saved_t_cuda(const at::Tensor& x2, const at::Tensor& V);
+
 // Backward kernels. output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias); an output
 // that is not asked for is returned as an empty tensor of shape (0,). grad_x has x's shape.
 // t is the saved x V of shape (batch, r) (dtype saved_t_dtype), or (0,) (then recomputed); it is

@@ -262,8 +262,6 @@ void over_blocks(int64_t batch, int64_t block, int64_t work_per_row, int64_t min
   }
 }
 
-at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& U,
@@ -323,7 +321,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const auto opts = x.options();
   const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
 
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : empty_grad(x);
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : at::empty({0}, opts);
   auto grad = [&](bool needed, at::IntArrayRef shape) {
     // A sum over an empty batch is zero.
     return !needed ? at::empty({0}, opts) : B == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);

@@ -5,8 +5,8 @@
 // them. They use no tensor cores (scalar FFMA), so they are opt-in until a GPU measurement shows
 // a shape where they win.
 //
-// Design of the fused kernels (every kernel runs 256 threads; every sum is in a fixed order, so results are
-// bit-reproducible run to run on one device — no float atomics anywhere):
+// Design of the fused kernels (every kernel runs 256 threads; every sum is in a fixed order, so
+// results are bit-reproducible run to run on one device — no float atomics anywhere):
 //   forward       one kernel per tile of BM rows: t = x V stays in shared memory (acc type, i.e.
 //                 float, or double for double), then y = t USᵀ + bias is written once.
 //                 US = U diag(S) or U S (m × r) is precomputed with ATen in the acc type.
@@ -21,11 +21,6 @@
 #include "linear.h"
 
 #include <ATen/ATen.h>
-#include <mutex>
-#include <map>
-#include <tuple>
-
-#include "backend.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -38,6 +33,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 namespace lowrank_ext {
@@ -612,9 +610,10 @@ LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
   const bool need_g = need_dx || need_dS || need_dV;
   const bool need_t = need_dU || need_dS;
   // t is only needed for dU and dS; recompute it when the forward did not save it.
-  const at::Tensor t_acc =
-      need_t ? (t.numel() != 0 ? t : at::mm(x2, Vc, acc_type)).to(acc_type).contiguous()
-             : at::Tensor();
+  at::Tensor t_acc;
+  if (need_t) {  // recomputed as the forward saves it: float32 for half inputs
+    t_acc = (t.numel() != 0 ? t : saved_t_cuda(x2, Vc)).to(acc_type).contiguous();
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : none;

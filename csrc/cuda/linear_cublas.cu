@@ -25,6 +25,12 @@ at::Tensor mm_wide(const at::Tensor& a, const at::Tensor& b) {
   return is_half(a) ? at::mm(a, b, at::kFloat) : at::mm(a, b);
 }
 
+}  // namespace
+
+at::Tensor saved_t_cuda(const at::Tensor& x2, const at::Tensor& V) { return mm_wide(x2, V); }
+
+namespace {
+
 // t Sᵀ (diagonal: t ⊙ s) in `dtype`, from t in float32 or dtype.
 at::Tensor apply_core(const at::Tensor& t, const at::Tensor& S, bool transpose,
                       at::ScalarType dtype) {
