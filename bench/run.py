@@ -215,6 +215,8 @@ def main(argv=None) -> int:
                 group = [{**common, "impl": n, **stats[n]} for n in impls]
                 add_ratios_and_floor(group, shape, dtype, bandwidth["bytes_per_s"])
                 records += group
+                # after every row, so a run cut off by a time limit still leaves its numbers
+                write_json(args.out / "results.json", {"partial": True, "argv": sys.argv}, records)
                 bar.update()
             del problem, ref
             gc.collect()
@@ -240,6 +242,7 @@ def main(argv=None) -> int:
         "warmup": warmup,
         "target_sample_s": target_s,
         "argv": sys.argv,
+        "partial": False,
         "load_average_1min": {"start": load_at_start, "end": load_average()},
         "ratio": RATIO,
         "summary": summary(records, BAR),

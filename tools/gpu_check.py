@@ -76,7 +76,7 @@ STEPS = (
     Step("racecheck", 30, ("build",), "compute-sanitizer racecheck (lowrank_ext kernels)"),
     Step("synccheck", 20, ("build",), "compute-sanitizer synccheck (lowrank_ext kernels)"),
     Step("initcheck", 30, ("build",), "compute-sanitizer initcheck (lowrank_ext kernels)"),
-    Step("bench", 90, ("build",), "bench/run.py --device cuda --repeats 20"),
+    Step("bench", 150, ("build",), "bench/run.py --device cuda --repeats 20"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 
