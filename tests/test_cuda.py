@@ -188,7 +188,7 @@ def test_cuda_graph_replay_after_an_eager_call_at_another_rank(backend, graph_ra
     fresh = make_factors((67,), 48, 40, graph_rank, core="full", device="cuda", dtype=torch.float32)
     fresh_dy = torch.randn(67, 40, device="cuda")
     with torch.no_grad():
-        for leaf, value in zip(static + [static_dy], fresh + [fresh_dy]):
+        for leaf, value in zip([*static, static_dy], [*fresh, fresh_dy]):
             leaf.copy_(value)
     graph.replay()
     torch.cuda.synchronize()

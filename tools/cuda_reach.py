@@ -245,20 +245,22 @@ class ProjectOutCase:
         )
 
 
-def tile_cases(backends, optin_smem: int, quick: bool) -> list[LinearCase]:
+def tile_cases(backends, optin_smem: int, quick: bool, lowest: bool = False) -> list[LinearCase]:
     """Every path of pick_tile_rows for every dtype: diagonal core at each segment's largest rank
     (float32 also at issue 13's ranks), full core at the lowest rank of each tile height.
 
     quick (the sanitizers' set) leaves out issue 13's ranks and, but for float32, the BM=1 tiles
     over the soft budget: the same kernels as at lower ranks, and the costliest under racecheck
-    (shared-memory traffic grows with rows x rank).
+    (shared-memory traffic grows with rows x rank). lowest (racecheck's and initcheck's set, with
+    quick) takes each segment's lowest rank instead of its largest: every tile height and kernel
+    still runs, at the least shared-memory traffic.
     """
     cases = []
     for dtype in DTYPE_NAMES:
         acc = ACC_BYTES[dtype]
         segments = tile_segments(acc, optin_smem)
         diag = [
-            s.lo if s.hi is None else s.hi
+            s.lo if s.hi is None or lowest else s.hi
             for s in segments
             if not (quick and dtype != "float32" and s.bm == 1 and s.over_soft)
         ]
@@ -334,9 +336,9 @@ def project_out_cases(quick: bool) -> list[ProjectOutCase]:
     return cases
 
 
-def all_cases(backends, optin_smem: int, quick: bool) -> list:
+def all_cases(backends, optin_smem: int, quick: bool, lowest: bool = False) -> list:
     return (
-        tile_cases(backends, optin_smem, quick)
+        tile_cases(backends, optin_smem, quick, lowest)
         + variant_cases(backends, quick)
         + project_out_cases(quick)
     )
@@ -667,6 +669,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--list", action="store_true", help="list the cases and the tile map; no GPU")
     p.add_argument("--quick", action="store_true", help="the smaller set run under the sanitizers")
+    p.add_argument(
+        "--lowest",
+        action="store_true",
+        help="each tile height at its lowest rank (with --quick: racecheck's and initcheck's set)",
+    )
     p.add_argument("--no-profile", action="store_true", help="do not check kernel names")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--cases", help="only the cases whose name matches this regular expression")
@@ -692,7 +699,7 @@ def list_cases(args) -> int:
     if optin is None:
         optin, label = SM90_OPTIN_SMEM, "sm_90 (H100/H200); no device asked"
     print(tile_map_text(optin, label))
-    cases = select(all_cases(args.backends, optin, args.quick), args.cases)
+    cases = select(all_cases(args.backends, optin, args.quick, args.lowest), args.cases)
     print(f"\n{len(cases)} cases{' (--quick)' if args.quick else ''}:")
     for case in cases:
         print(f"  {case.name}")
@@ -751,7 +758,7 @@ def main(argv=None) -> int:
         poison=not caching_off,
         profile=not args.no_profile,
     )
-    cases = select(all_cases(backends, optin, args.quick), args.cases)
+    cases = select(all_cases(backends, optin, args.quick, args.lowest), args.cases)
     if args.device == "cpu":
         cases = [c for c in cases if c.dtype in ("float32", "float64")]
     print(f"\n{len(cases)} cases")

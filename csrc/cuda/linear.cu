@@ -586,14 +586,15 @@ LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
   const bool need_dx = output_mask[0], need_dU = output_mask[1], need_dS = output_mask[2],
              need_dV = output_mask[3], need_db = output_mask[4];
   const auto opts = x.options();
-  const at::Tensor none = at::empty({0}, opts);
+  // Every gradient not asked for is its own (0,) tensor: the schema's outputs must not alias.
+  const auto none = [&] { return at::empty({0}, opts); };
 
   if (B == 0) {  // sums over an empty batch
-    return {need_dx ? at::empty(x.sizes(), opts) : none,
-            need_dU ? at::zeros({m, r}, opts) : none,
-            need_dS ? at::zeros(S.sizes(), opts) : none,
-            need_dV ? at::zeros({n, r}, opts) : none,
-            need_db ? at::zeros({m}, opts) : none};
+    return {need_dx ? at::empty(x.sizes(), opts) : none(),
+            need_dU ? at::zeros({m, r}, opts) : none(),
+            need_dS ? at::zeros(S.sizes(), opts) : none(),
+            need_dV ? at::zeros({n, r}, opts) : none(),
+            need_db ? at::zeros({m}, opts) : none()};
   }
 
   const at::Tensor dy2 = grad_y.contiguous().reshape({B, m});
@@ -616,11 +617,11 @@ LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : none;
-  at::Tensor dU = need_dU ? at::empty({m, r}, opts) : none;
-  at::Tensor dS = need_dS ? at::empty(S.sizes(), opts) : none;
-  at::Tensor dV = need_dV ? at::empty({n, r}, opts) : none;
-  at::Tensor db = need_db ? at::empty({m}, opts) : none;
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : none();
+  at::Tensor dU = need_dU ? at::empty({m, r}, opts) : none();
+  at::Tensor dS = need_dS ? at::empty(S.sizes(), opts) : none();
+  at::Tensor dV = need_dV ? at::empty({n, r}, opts) : none();
+  at::Tensor db = need_db ? at::empty({m}, opts) : none();
   at::Tensor g = need_g ? at::empty({B, r}, acc_opts) : at::Tensor();
   const bool x_pass = (need_dx || need_dV) && n > 0;
   at::Tensor dt = x_pass && need_dV ? at::empty({B, r}, acc_opts) : at::Tensor();

@@ -68,11 +68,13 @@ LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_dx, need_dU, need_dS, need_dV, need_db] = output_mask;
   const at::ScalarType dtype = x.scalar_type();
-  const at::Tensor none = at::empty({0}, x.options());
   const at::Tensor dy2 = grad_y.reshape({sz.batch, sz.out_features});
   const at::Tensor x2 = x.reshape({sz.batch, sz.in_features});
   const at::Tensor tt = (need_dU || need_dS) ? (t.numel() != 0 ? t : mm_wide(x2, V)) : at::Tensor();
-  at::Tensor dx = none, dU = none, dS = none, dV = none, db = none;
+  // Every gradient not asked for is its own (0,) tensor: the schema's outputs must not alias.
+  at::Tensor dx = at::empty({0}, x.options()), dU = at::empty({0}, x.options()),
+             dS = at::empty({0}, x.options()), dV = at::empty({0}, x.options()),
+             db = at::empty({0}, x.options());
   if (need_db) db = dy2.sum(0);
   if (need_dU) dU = at::mm(dy2.t(), apply_core(tt, S, /*transpose=*/true, dtype));
   if (need_dS || need_dV || need_dx) {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import linalg
 from .loading import _Dense, _Factored, _Layer, _operator_shape, _operator_tensors
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -125,11 +126,11 @@ def _singular_values(
         _, r_u = torch.linalg.qr(U)
         _, r_v = torch.linalg.qr(V)
         core = torch.diag(S) if S.dim() == 1 else S
-        sigma = torch.linalg.svdvals(r_u @ core @ r_v.T)
+        sigma = linalg.svdvals(r_u @ core @ r_v.T)
         rank = U.shape[1]
     else:
         blocks = operator.blocks.detach().to(device=device, dtype=svd_dtype)
-        sigma = torch.linalg.svdvals(blocks).flatten()
+        sigma = linalg.svdvals(blocks).flatten()
         rank = None
     sigma = sigma.to(device="cpu", dtype=torch.float64).sort(descending=True).values
     padded = torch.zeros(min(rows, cols), dtype=torch.float64)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .. import ops, reference
+from .. import linalg, ops, reference
 
 _CORES = ("diag", "full")
 _FACTORS = ("U", "S", "V")
@@ -71,7 +71,7 @@ def _truncated_svd(
     """
     if rank is not None and energy is not None:
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
-    U, sigma, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    U, sigma, Vh = linalg.svd(weight.detach().double())
     if energy is not None:
         rank = energy_rank(sigma, energy)
     elif rank is None:
@@ -297,7 +297,7 @@ class FactoredModule(nn.Module):
             return U, S, V
         Q_u, R_u = torch.linalg.qr(U[:, f:])
         Q_v, R_v = torch.linalg.qr(V[:, f:])
-        P, sigma, R_h = torch.linalg.svd((R_u * S[f:]) @ R_v.T)
+        P, sigma, R_h = linalg.svd((R_u * S[f:]) @ R_v.T)
         return (
             torch.cat([U[:, :f], Q_u @ P], dim=1),
             torch.cat([S[:f], sigma]),

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import linalg
 from ..nn import convert
 from . import optimizer_state
 from .oialr_checkpoint import STATE_VERSION, check_saved_ranks, check_state
@@ -228,7 +229,7 @@ class OIALR:
             with torch.autocast(layer.S.device.type, enabled=False):
                 # float32 at least (also under bf16 autocast or for bf16 cores)
                 precision = torch.promote_types(layer.S.dtype, torch.float32)
-                P, sigma, Qh = torch.linalg.svd(layer.S.detach().to(precision))
+                P, sigma, Qh = linalg.svd(layer.S.detach().to(precision))
             plans[name] = (P, sigma, Qh.mT, self._kept(sigma))
         kept = self._agree_on([plan[3] for plan in plans.values()])
         self._check_states([layer.S for layer in self._managed.values()])
