@@ -94,11 +94,13 @@ def test_unknown_step_is_refused():
 def test_time_limits_fit_the_nine_minutes():
     # The deadline stops the run inside 9 minutes whatever the steps take. Build 4 min, tests 2;
     # the sanitizers had 2 min together until the first H200 run (2026-11-30) found racecheck and
-    # initcheck unfinished after 30 s each (memcheck took 18 s, synccheck 14 s): 5 min now.
+    # initcheck unfinished after 30 s each (memcheck took 18 s, synccheck 14 s). Measured there:
+    # env 7 s, build 67, tests 45, reach 19, memcheck 18, synccheck 14, bench 69: 239 s, which
+    # leaves racecheck 150 s and initcheck 100 s inside the 530 s deadline.
     assert gpu_check.DEFAULT_DEADLINE_S < 9 * 60
     budget = {s.name: s.budget_s for s in gpu_check.STEPS}
     assert budget["build"] <= 240 and budget["tests"] <= 120
-    assert sum(budget[t] for t in gpu_check.SANITIZER_TOOLS) <= 300
+    assert sum(budget[t] for t in gpu_check.SANITIZER_TOOLS) <= 315
 
 
 # ---- the SIMT tile map -----------------------------------------------------------------------
@@ -240,6 +242,32 @@ def test_reach_quick_set_keeps_every_kernel_instantiation():
 
     fused_tiles = {k for k in kinds(full) if k[0] == "fused" and k[3] is not None}
     assert fused_tiles <= kinds(quick)
+
+
+def test_reach_lowest_set_reaches_every_fused_tile_height_in_float32():
+    lowest = cuda_reach.all_cases(cuda_reach.BACKENDS, SM90, quick=True, lowest=True)
+    fused = [c for c in lowest if hasattr(c, "bm") and c.backend == "fused"]
+    f32 = {c.bm for c in fused if c.dtype == "float32"}
+    assert f32 >= {64, 16, 4, 1, cuda_reach.FALLBACK}
+    for dtype in ("bfloat16", "float16", "float64"):
+        assert {(c.bm, c.core) for c in fused if c.dtype == dtype and c.r > 1000} == set()
+        assert {(64, "diag"), (64, "full")} <= {(c.bm, c.core) for c in fused if c.dtype == dtype}
+    # no BM=1 case over the 96 KiB soft budget (57 s under racecheck on the H200), lowest ranks
+    tiles = [c for c in fused if c.bm == 1]
+    assert tiles and max(c.r for c in tiles) == 4033
+    quick = cuda_reach.all_cases(cuda_reach.BACKENDS, SM90, quick=True)
+    assert len(lowest) < len(quick)
+
+
+def test_sanitizer_instrumentation():
+    # initcheck must see every kernel's writes (torch's too), or it reports false reads
+    check = gpu_check.Check(gpu_check.parse_args(["--dry-run"]))
+    for tool in gpu_check.SANITIZER_TOOLS:
+        [(cmd, env)] = check.commands(tool)
+        words = [str(c) for c in cmd]
+        assert ("--kernel-name" in words) == (tool in ("racecheck", "synccheck")), tool
+        assert ("--lowest" in words) == (tool in ("racecheck", "initcheck")), tool
+        assert env == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 
 
 # ---- the reach's checking code, on the CPU kernels -------------------------------------------

@@ -249,30 +249,40 @@ def tile_cases(backends, optin_smem: int, quick: bool, lowest: bool = False) -> 
     """Every path of pick_tile_rows for every dtype: diagonal core at each segment's largest rank
     (float32 also at issue 13's ranks), full core at the lowest rank of each tile height.
 
-    quick (the sanitizers' set) leaves out issue 13's ranks and, but for float32, the BM=1 tiles
-    over the soft budget: the same kernels as at lower ranks, and the costliest under racecheck
-    (shared-memory traffic grows with rows x rank). lowest (racecheck's and initcheck's set, with
-    quick) takes each segment's lowest rank instead of its largest: every tile height and kernel
-    still runs, at the least shared-memory traffic.
+    quick (memcheck's and synccheck's set) leaves out issue 13's ranks and, but for float32, the
+    BM=1 tiles over the soft budget: the same kernels as at lower ranks.
+
+    lowest (with quick: racecheck's and initcheck's set) is sized for tools ~10x slower than
+    memcheck, whose cost grows with rows x rank (on the H200, 2026-11-30, racecheck took 15 s for
+    float32 BM=1 at r=4033 and 57 s at r=16361): float32 at the lowest rank of each tile height
+    within the soft budget (full core at BM=64 and 16), the other dtypes at BM=64 only. The
+    templates differ by dtype in their loads and accumulator, not in their barriers.
     """
     cases = []
     for dtype in DTYPE_NAMES:
         acc = ACC_BYTES[dtype]
         segments = tile_segments(acc, optin_smem)
-        diag = [
-            s.lo if s.hi is None or lowest else s.hi
-            for s in segments
-            if not (quick and dtype != "float32" and s.bm == 1 and s.over_soft)
-        ]
-        if dtype == "float32" and not quick:
-            diag = sorted(set(diag) | set(ISSUE_RANKS))
-        # Full core at the lowest rank of each tile height (r = 1 included): the tiles' shared
-        # memory is the diagonal cases' at the same rank, and an r x r core stays cheap.
-        full = []
-        for bm in TILE_ROWS:
-            seg = next((s for s in segments if s.bm == bm), None)
-            if seg is not None:
-                full.append(min(seg.lo, FULL_CORE_MAX_RANK))
+        if lowest:
+            keep = [s for s in segments if s.hi is None or not s.over_soft]
+            if dtype != "float32":
+                keep = [s for s in keep if s.bm == 64]
+            diag = [s.lo for s in keep]
+            full = [s.lo for s in keep if s.bm in (64, 16)]
+        else:
+            diag = [
+                s.lo if s.hi is None else s.hi
+                for s in segments
+                if not (quick and dtype != "float32" and s.bm == 1 and s.over_soft)
+            ]
+            if dtype == "float32" and not quick:
+                diag = sorted(set(diag) | set(ISSUE_RANKS))
+            # Full core at the lowest rank of each tile height (r = 1 included): the tiles'
+            # shared memory is the diagonal cases' at the same rank, and an r x r core stays cheap.
+            full = []
+            for bm in TILE_ROWS:
+                seg = next((s for s in segments if s.bm == bm), None)
+                if seg is not None:
+                    full.append(min(seg.lo, FULL_CORE_MAX_RANK))
         for backend in backends:
             if quick and backend != "fused" and dtype != "float32":
                 continue  # the composition does not depend on the rank's tile height
