@@ -2,6 +2,7 @@
 models, the optimizer kept in step, the schedule and its records, the noise rank, landscapes and
 figures."""
 
+import io
 import math
 import sys
 
@@ -20,6 +21,7 @@ from lowrank_ext.training.successive import (
     model_rank,
     noise_rank,
     parameter_norms,
+    update_optimizer,
 )
 
 F64 = torch.float64
@@ -451,3 +453,65 @@ def test_figures_name_the_extra_when_matplotlib_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install lowrank_ext\[plot\]"):
         successive_plots.plot_loss_curve(history)
+
+
+def _resume_model():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        LowRankLinear(6, 5, rank=1), nn.Tanh(), nn.Linear(5, 5), LowRankLinear(5, 3, rank=1)
+    )
+
+
+def _adam_step(model, optimizer, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+
+
+def test_the_usual_resume_after_several_growths():
+    # issue 17, item 2: the optimizer lists parameters in model order after every growth, so a
+    # new optimizer over model.parameters() loads its state_dict and pairs each moment with its
+    # own parameter (before, Adam failed: "output with shape [16] doesn't match [16, 16]").
+    model = _resume_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    step = 0
+    for growth in range(4):  # layer "3" reaches full rank 3 and is frozen on the last growths
+        for _ in range(2):
+            _adam_step(model, optimizer, step)
+            step += 1
+        grow_model(model, optimizer=optimizer)
+        held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        assert held == [id(p) for p in model.parameters()], f"order after growth {growth + 1}"
+    _adam_step(model, optimizer, step)
+    assert model[3].frozen_rank == 3 and model[0].rank == 5
+
+    saved = io.BytesIO()  # through a file, as a resume does (no tensor shared between the two)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed = _resume_model()  # built as the training script builds it, at rank 1
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=0.01)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        state, resumed_state = optimizer.state[p], resumed_optimizer.state[q]
+        assert state.keys() == resumed_state.keys()
+        for key in state:
+            assert torch.equal(state[key], resumed_state[key]), key
+    for seed in (100, 101):
+        _adam_step(model, optimizer, seed)
+        _adam_step(resumed, resumed_optimizer, seed)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_new_parameter_without_predecessor_goes_where_model_order_puts_it():
+    a, b, c, new = (nn.Parameter(torch.zeros(2)) for _ in range(4))
+    optimizer = torch.optim.SGD([a, b, c], lr=0.1)
+    before = {"m.a": a, "m.b": b, "m.c": c}
+    after = {"m.a": a, "m.new": new, "m.c": c}  # b removed, a new name between a and c
+    removed, added = update_optimizer(optimizer, before, after)
+    assert removed == ["m.b"] and added == ["m.new"]
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(a), id(new), id(c)]

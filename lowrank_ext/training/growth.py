@@ -130,12 +130,19 @@ def update_optimizer(
 
     `before` and `after` are `dict(model.named_parameters())` taken around the change. A tensor
     of `before` no longer found under its name in `after` leaves its param group and its state is
-    dropped. A tensor new in `after` joins the group of the tensor it replaces (same name) or, if
-    it replaces none, the group of another parameter of its module; it is not added if the
-    optimizer held neither. Every other parameter keeps its place and its state (moments, step
-    counts) untouched; new tensors start with fresh state. Works with optimizers that read
-    `param_groups` at each step (all of torch.optim but LBFGS). Returns the names removed and
-    added. On error the optimizer is unchanged.
+    dropped. A tensor new in `after` takes the place of the tensor it replaces (same name) in
+    that tensor's group or, if it replaces none, joins the group of another parameter of its
+    module, placed after the parameter that precedes it in `after` (model order); it is not
+    added if the optimizer held neither. Every other parameter keeps its place and its state
+    (moments, step counts) untouched; new tensors start with fresh state. Works with optimizers
+    that read `param_groups` at each step (all of torch.optim but LBFGS). Returns the names
+    removed and added. On error the optimizer is unchanged.
+
+    Keeping places keeps the usual resume working: an optimizer built over
+    `model.parameters()` still lists them in model order after any number of growths, so
+    "rebuild the model, load its state_dict, build a new optimizer over model.parameters(),
+    load the optimizer's state_dict" pairs every moment with its own parameter. (torch's
+    optimizer state_dict identifies parameters by position only.)
     """
     group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     removed = [name for name, p in before.items() if after.get(name) is not p and p in group_of]
@@ -147,15 +154,31 @@ def update_optimizer(
         group = _group_for(name, before, group_of)
         if group is not None:
             joining.append((name, p, group))
-    params = [[p for p in group["params"] if p not in gone] for group in optimizer.param_groups]
-    for _, p, group in joining:
-        params[group].append(p)
+    params = [list(group["params"]) for group in optimizer.param_groups]
+    order = list(after)
+    for name, p, group in joining:
+        params[group].insert(_place(name, p, params[group], before, after, order), p)
+    params = [[p for p in group if p not in gone] for group in params]
     # Nothing above touched the optimizer; commit.
     for group, group_params in zip(optimizer.param_groups, params):
         group["params"] = group_params
     for p in gone:
         optimizer.state.pop(p, None)
     return removed, [name for name, _, _ in joining]
+
+
+def _place(name, p, group: list, before, after, order: list[str]) -> int:
+    """Where the new tensor `p` (named `name`) goes in `group` (old tensors still in it): at its
+    predecessor's place, else just after the nearest parameter before it in model order."""
+    predecessor = before.get(name)
+    for i, q in enumerate(group):
+        if q is predecessor:
+            return i
+    for earlier in reversed(order[: order.index(name)]):
+        for i, q in enumerate(group):
+            if q is after[earlier] or q is before.get(earlier):
+                return i + 1
+    return 0
 
 
 def _group_for(name: str, before: Mapping[str, nn.Parameter], group_of: dict) -> int | None:
