@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..nn.hf_conv1d import conv1d_class
+
 
 class _Dense(NamedTuple):
     blocks: torch.Tensor  # (g, rows, cols): the block-diagonal operator diag(blocks[0], …)
@@ -50,6 +52,7 @@ def _factors_of(module: nn.Module) -> _Factored | None:
 
 def _module_layers(model: nn.Module) -> Iterator[_Layer]:
     root = type(model).__name__
+    conv1d = conv1d_class() or ()  # isinstance(x, ()) is False: no transformers, no Conv1D
     for name, module in model.named_modules():
         name = name or root
         kind = type(module).__name__
@@ -60,6 +63,9 @@ def _module_layers(model: nn.Module) -> Iterator[_Layer]:
             yield from _attention_layers(name, module)
         elif isinstance(module, nn.modules.conv._ConvNd):
             yield _Layer(name, kind, _dense(_weight_of(name, module), module.groups))
+        elif isinstance(module, conv1d):
+            # y = x W + b with W stored (in, out): the layer's (out, in) matrix is Wᵀ
+            yield _Layer(name, kind, _dense(_weight_of(name, module).mT))
         elif isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)) or (
             parametrize.is_parametrized(module, "weight") and module.weight.dim() >= 2
         ):

@@ -10,17 +10,22 @@ Which matrices
     patch to the output channels (conv(x) = W @ unfold(x); a transposed conv is the adjoint of
     that map, with the same singular values); with groups g the operator is
     block-diagonal in the g blocks kernel[i·d0/g:(i+1)·d0/g].reshape(d0/g, -1), and its singular
-    values are the union of the blocks'. MultiheadAttention: q, k and v projections (split from
-    in_proj_weight, or q/k/v_proj_weight); out_proj is a Linear. Parametrized modules
+    values are the union of the blocks'. transformers' Conv1D (GPT-2's projections, y = x W + b
+    with W stored (in, out)): the (out, in) matrix Wᵀ, so its N×M reads out×in as a Linear's
+    does (the singular values are those of W). MultiheadAttention: q, k and v projections (split
+    from in_proj_weight, or q/k/v_proj_weight); out_proj is a Linear. Parametrized modules
     (`torch.nn.utils.parametrize`): the weight the parametrization computes, read in eval mode
     under no_grad so that e.g. spectral_norm's power iteration does not advance; every module's
     training flag is restored afterwards. Factored layers: a module with 2-D tensors U (N, r) and
     V (M, r) and S (r,) or (r, r) (LowRankLinear and anything shaped like it), and in a
     state_dict the triple `<prefix>.U`, `<prefix>.S`, `<prefix>.V`, analysed as W = U S Vᵀ.
-    In a state_dict, the kernel of a grouped conv is read as the stacked (d0, d1·k…) matrix (a
-    state_dict does not record the groups), `<prefix>.in_proj_weight` of shape (3E, E) is split
-    into q, k, v, subtrees whose key starts with "optim" (optimizer moments, not weights) are
-    skipped, and so are non-tensors, non-floating tensors and tensors with fewer than 2 dims.
+    In a state_dict, a 2-D weight is read as stored: a Conv1D's (in, out) weight gives N×M =
+    in×out (a state_dict does not tell it from a Linear's (out, in) one; the singular values and
+    every measure below are the same for W and Wᵀ, only the shape reads transposed). The kernel
+    of a grouped conv is read as the stacked (d0, d1·k…) matrix (a state_dict does not record
+    the groups), `<prefix>.in_proj_weight` of shape (3E, E) is split into q, k, v, subtrees
+    whose key starts with "optim" (optimizer moments, not weights) are skipped, and so are
+    non-tensors, non-floating tensors and tensors with fewer than 2 dims.
 
 How
     Dense: torch.linalg.svdvals in float64 (svd_dtype=torch.float32 is a faster option on GPU),
@@ -145,7 +150,8 @@ def analyze(
         if not rows:
             raise ValueError(
                 f"argument 'obj': the {type(obj).__name__} has no layer with a weight matrix "
-                "(Linear, Conv, Embedding, MultiheadAttention, parametrized or factored U, S, V)"
+                "(Linear, Conv, Conv1D, Embedding, MultiheadAttention, parametrized or factored "
+                "U, S, V)"
             )
     elif isinstance(obj, Mapping):
         if not obj:

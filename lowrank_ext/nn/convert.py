@@ -1,7 +1,8 @@
 """Whole-model conversion to low-rank modules and back, with PEFT's module-matching conventions.
 
-- `convert(model, ...)`: replace nn.Linear, nn.Conv2d (groups=1) and nn.MultiheadAttention
-  modules by LowRankLinear, LowRankConv2d and LowRankMultiheadAttention (truncated SVD in float64).
+- `convert(model, ...)`: replace nn.Linear and transformers' Conv1D, nn.Conv2d (groups=1) and
+  nn.MultiheadAttention modules by LowRankLinear, LowRankConv2d and LowRankMultiheadAttention
+  (truncated SVD in float64).
 - `merge(model)`: every low-rank module back to its dense class, with the same function.
 - `ranks(model)`: the rank of every factorized module by qualified name.
 
@@ -11,14 +12,20 @@ Matching rules (module names as `model.named_modules()` gives them; the root is 
   ends with "." + entry ("fc" matches "fc" and "block.fc", not "block.fc2"); every entry must
   match some module.
 - a string: a regular expression that must match the whole name (`re.fullmatch`).
-- "all-linear" (target_modules only): every nn.Linear and nn.MultiheadAttention except the
-  output layer.
-- None (target_modules only): every supported module (nn.Linear, nn.Conv2d with groups=1,
-  nn.MultiheadAttention) except the output layer.
+- "all-linear" (target_modules only): every linear layer (nn.Linear, Conv1D) and
+  nn.MultiheadAttention except the output layer.
+- None (target_modules only): every supported module (nn.Linear, Conv1D, nn.Conv2d with
+  groups=1, nn.MultiheadAttention) except the output layer.
+
+A transformers `Conv1D` (GPT-2's projections: y = x W + b, W stored (in, out)) is a linear layer
+whose weight is stored transposed: it is matched like an nn.Linear, becomes a LowRankLinear of
+the (out, in) matrix Wᵀ with the same function (`LowRankLinear.from_conv1d`), and merge gives
+a Conv1D back. transformers is never imported here (see `hf_conv1d`).
 
 The output layer is `model.get_output_embeddings()` where the model has that method and it
-returns a module (Hugging Face models: the LM head); otherwise the nn.Linear (for None also
-nn.Conv2d) registered last, outside any attention module. Name it explicitly to convert it.
+returns a module (Hugging Face models: the LM head, GPT-2's included); otherwise the linear
+layer (for None also nn.Conv2d) registered last, outside any attention module. Name it
+explicitly to convert it.
 `exclude_modules` removes modules from the targets (same list/regex forms). `rank_pattern` maps
 keys to ranks overriding `rank`/`energy`: a key matches a module if the regex
 `(.*\\.)?<key>` matches its whole name; the first matching key in the dict's order wins.
@@ -36,13 +43,14 @@ from torch import nn
 
 from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
+from .hf_conv1d import conv1d_matrix, is_conv1d, linear_kinds
 from .linear import LowRankLinear
 
 __all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
 
 ALL_LINEAR = "all-linear"
 _LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
-_SUPPORTED = "nn.Linear, nn.Conv2d with groups=1 and nn.MultiheadAttention"
+_SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1 and nn.MultiheadAttention"
 
 
 def convert(
@@ -128,17 +136,19 @@ def convert(
 def merge(model: nn.Module) -> nn.Module:
     """Replace every low-rank module of `model` by its dense class, in place; returns the model.
 
-    LowRankLinear → nn.Linear, LowRankConv2d → nn.Conv2d, LowRankMultiheadAttention →
-    nn.MultiheadAttention, each with the same function (W = U S Vᵀ built once, in the factors'
-    dtype). Training flags carry over and a module whose parameters were all frozen stays
-    frozen. A model without low-rank modules is returned unchanged. All-or-nothing, as convert.
+    LowRankLinear → nn.Linear, or transformers' Conv1D for one converted from a Conv1D
+    (`LowRankLinear.dense_kind`; building it imports transformers, ImportError without it),
+    LowRankConv2d → nn.Conv2d, LowRankMultiheadAttention → nn.MultiheadAttention, each with
+    the same function (W = U S Vᵀ built once, in the factors' dtype). Training flags carry over
+    and a module whose parameters were all frozen stays frozen. A model without low-rank
+    modules is returned unchanged. All-or-nothing, as convert.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, _LOW_RANK):
         raise ValueError(
             f"argument 'model' is itself a {type(model).__name__}, which cannot be replaced in "
-            "place: use its to_linear/to_conv2d/to_multihead_attention method"
+            "place: use its to_dense/to_conv2d/to_multihead_attention method"
         )
     replacements, inside_attention = {}, set()
     for module in model.modules():
@@ -150,7 +160,7 @@ def merge(model: nn.Module) -> nn.Module:
         elif isinstance(module, LowRankConv2d):
             dense = module.to_conv2d()
         elif isinstance(module, LowRankLinear):
-            dense = module.to_linear()
+            dense = module.to_dense()
         else:
             continue
         _carry_training_state(module, dense)
@@ -180,13 +190,14 @@ def _attention_internals(modules: Mapping[str, nn.Module]) -> set[str]:
 
 def _targets(model, modules, internal, target_modules) -> list[str]:
     if target_modules is None or target_modules == ALL_LINEAR:
+        linear = linear_kinds()
         if target_modules is None:
             kinds, output_kinds = (
-                (nn.Linear, nn.Conv2d, nn.MultiheadAttention),
-                (nn.Linear, nn.Conv2d),
+                (*linear, nn.Conv2d, nn.MultiheadAttention),
+                (*linear, nn.Conv2d),
             )
         else:
-            kinds, output_kinds = (nn.Linear, nn.MultiheadAttention), (nn.Linear,)
+            kinds, output_kinds = (*linear, nn.MultiheadAttention), linear
         candidates = [
             name
             for name, module in modules.items()
@@ -264,13 +275,15 @@ def _check_convertible(name: str, module: nn.Module, internal: set[str]) -> None
             f"target {name!r} is an nn.Conv2d with groups={module.groups}; only groups=1 has a "
             "single kernel matrix to factorize"
         )
-    if not isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
+    if not isinstance(module, (*linear_kinds(), nn.Conv2d, nn.MultiheadAttention)):
         raise ValueError(
             f"target {name!r} is a {type(module).__name__}; convert handles {_SUPPORTED}"
         )
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"target {name!r} is lazy and not initialized: run a forward pass first")
+    if is_conv1d(module):
+        conv1d_matrix(module, f"target {name!r} ({type(module).__name__})")
 
 
 def _pattern_ranks(rank_pattern, targets: list[str]) -> dict[str, int]:
@@ -316,6 +329,8 @@ def _factorize(module: nn.Module, rank, energy, core: str) -> nn.Module:
         return LowRankMultiheadAttention.from_multihead_attention(module, rank, energy, core=core)
     if isinstance(module, nn.Conv2d):
         return LowRankConv2d.from_conv2d(module, rank, energy, core=core)
+    if is_conv1d(module):
+        return LowRankLinear.from_conv1d(module, rank, energy, core=core)
     return LowRankLinear.from_linear(module, rank, energy, core=core)
 
 

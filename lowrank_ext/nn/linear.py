@@ -1,4 +1,5 @@
-"""LowRankLinear: a drop-in for nn.Linear whose weight lives only as W = U S Vᵀ."""
+"""LowRankLinear: a drop-in for nn.Linear (or transformers' Conv1D) whose weight lives only as
+W = U S Vᵀ."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from torch import nn
 
 from .. import ops
 from .factored import FactoredModule, _truncated_svd
+from .hf_conv1d import conv1d_class, conv1d_matrix, is_conv1d
+
+_DENSE_KINDS = ("linear", "conv1d")
 
 
 class LowRankLinear(FactoredModule):
@@ -26,7 +30,15 @@ class LowRankLinear(FactoredModule):
     The constructor, the factors, their initialization, rank growth (`grow`, `freeze`) and the
     checkpoint layout (a state_dict saved at one rank loads into a module built at another) are
     those of `FactoredModule` (lowrank_ext/nn/factored.py), documented there.
+
+    `dense_kind` names the dense class `lowrank_ext.merge` gives back: "linear" (nn.Linear, the
+    class default) or "conv1d" (transformers' Conv1D, set by `from_conv1d`). It is a plain
+    attribute: copy.deepcopy and pickling the module (torch.save of the model) keep it, the
+    state_dict does not hold it (a module rebuilt by `lowrank_ext.convert` of the same model
+    gets it again). `.weight` is (out_features, in_features) whatever the dense class.
     """
+
+    dense_kind = "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, S, V = self.factors()
@@ -37,6 +49,9 @@ class LowRankLinear(FactoredModule):
 
     def _repr_shape(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def _repr_options(self) -> str:
+        return "" if self.dense_kind == "linear" else f", dense_kind={self.dense_kind!r}"
 
     @classmethod
     def from_linear(
@@ -53,7 +68,10 @@ class LowRankLinear(FactoredModule):
         neither for full rank min(in, out).
         """
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
+            hint = " (use from_conv1d for a transformers Conv1D)" if is_conv1d(linear) else ""
+            raise TypeError(
+                f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}{hint}"
+            )
         weight = linear.weight
         rank, U, sigma, V = _truncated_svd(weight, rank, energy)
         module = cls(
@@ -79,3 +97,67 @@ class LowRankLinear(FactoredModule):
             dtype=weight.dtype,
         )
         return self._copy_into_dense(linear, weight)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        rank: int | None = None,
+        energy: float | None = None,
+        *,
+        core: str = "diag",
+    ) -> LowRankLinear:
+        """Truncated SVD (in float64) of a transformers Conv1D(nf, nx)'s map y = x W + b.
+
+        W is stored (nx, nf) = (in, out); the factorization is of the (out, in) matrix Wᵀ, so
+        the result is a LowRankLinear(nx, nf) with the same function, exact at full rank to
+        float tolerance, and `dense_kind="conv1d"` (merge gives back a Conv1D). Give `rank`, or
+        `energy` to keep the smallest rank holding that fraction of Σσ², or neither for full
+        rank min(nx, nf).
+
+        Raises TypeError when `conv1d` is not a Conv1D, ValueError when its weight is lazy, not
+        2-D or not (nx, nf), or the rank is out of range.
+        """
+        if not is_conv1d(conv1d):
+            raise TypeError(
+                f"argument 'conv1d' must be a transformers Conv1D, got {type(conv1d).__name__}"
+            )
+        matrix = conv1d_matrix(conv1d, "argument 'conv1d'")
+        rank, U, sigma, V = _truncated_svd(matrix, rank, energy)
+        module = cls(
+            matrix.shape[1],
+            matrix.shape[0],
+            rank,
+            bias=conv1d.bias is not None,
+            core=core,
+            device=matrix.device,
+            dtype=matrix.dtype,
+        )
+        module._copy_svd(U, sigma, V, conv1d.bias)
+        module.dense_kind = "conv1d"
+        return module
+
+    def to_conv1d(self) -> nn.Module:
+        """A dense transformers Conv1D(nf=out_features, nx=in_features) with the same function:
+        its weight (in, out) is Wᵀ. Conv1D always adds a bias: a layer without one gets zeros.
+
+        Raises ImportError when transformers is not installed.
+        """
+        conv1d_type = conv1d_class(load=True)
+        if conv1d_type is None:
+            raise ImportError(
+                "LowRankLinear.to_conv1d needs transformers (pip install transformers)"
+            )
+        weight = self.weight.detach()
+        with torch.device(weight.device):
+            conv1d = conv1d_type(self.out_features, self.in_features).to(weight.dtype)
+        return self._copy_into_dense(conv1d, weight.mT)
+
+    def to_dense(self) -> nn.Module:
+        """The dense module `merge` gives back: `to_conv1d()` for dense_kind "conv1d", else
+        `to_linear()`."""
+        if self.dense_kind not in _DENSE_KINDS:
+            raise ValueError(
+                f"LowRankLinear.dense_kind must be one of {_DENSE_KINDS}, got {self.dense_kind!r}"
+            )
+        return self.to_conv1d() if self.dense_kind == "conv1d" else self.to_linear()

@@ -75,8 +75,8 @@ class OIALR:
         keep_last_dense: leave the output layer dense (see `lowrank_ext.convert`); only with
             target_modules None.
         target_modules, exclude_modules: which modules to convert, as `lowrank_ext.convert`
-            takes them (None: every nn.Linear, nn.Conv2d with groups=1 and
-            nn.MultiheadAttention). Low-rank modules with core="full" already in the model and
+            takes them (None: every nn.Linear, transformers Conv1D, nn.Conv2d with groups=1
+            and nn.MultiheadAttention). Low-rank modules with core="full" already in the model and
             selected by these are adopted as they are.
         state_mode: "rotate", "slice" or "reset" (see the module doc).
         process_group: the group to broadcast decisions in (default: the default group when
@@ -293,13 +293,14 @@ class OIALR:
 
     def _carry(self, old, successors: list, carry_state: bool) -> None:
         """Put `successors` [(param, how)] where `old` was in the optimizer, with its state:
-        how = ("project", U, V) for a core replacing a dense weight, ("chunk", i, n) for the
-        i-th of n pieces of a packed bias."""
+        how = ("project", U, V) for a core replacing a dense weight, ("project_transposed", U, V)
+        for one replacing a weight stored (in, out) (a Conv1D's), ("chunk", i, n) for the i-th
+        of n pieces of a packed bias."""
         state = optimizer_state.replace(self.optimizer, old, [new for new, _ in successors])
         if not state or not carry_state:
             return
         for new, how in successors:
-            if how[0] == "project" and self.state_mode != "rotate":
+            if how[0] != "chunk" and self.state_mode != "rotate":
                 continue  # slice and reset: the core starts fresh
             carried = {}
             for key, value in state.items():
@@ -308,6 +309,8 @@ class OIALR:
                 elif how[0] == "chunk":
                     carried[key] = value.chunk(how[2])[how[1]].clone()
                 else:
+                    if how[0] == "project_transposed":
+                        value = value.mT  # the moments of W stored (in, out): those of Wᵀ
                     carried[key] = optimizer_state.change_basis(key, value, how[1], how[2])
             self.optimizer.state[new] = carried
 

@@ -19,6 +19,7 @@ from ..nn.convert import (
     _match,
     _targets,
 )
+from ..nn.hf_conv1d import is_conv1d, linear_kinds
 
 _FACTORED = (LowRankLinear, LowRankConv2d)
 
@@ -48,7 +49,7 @@ def _selection(model, target_modules, exclude_modules, keep_last_dense) -> tuple
             name
             for name, module in modules.items()
             if name not in internal
-            and isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))
+            and isinstance(module, (*linear_kinds(), nn.Conv2d, nn.MultiheadAttention))
             and getattr(module, "groups", 1) == 1
         ]
     elif target_modules is None or target_modules == ALL_LINEAR:
@@ -96,7 +97,8 @@ def _factored_layers(name: str, module: nn.Module) -> list[tuple[str, nn.Module]
 
 
 def _dense_factorizations(module: nn.Module) -> dict[str, torch.Tensor]:
-    """{name suffix of the low-rank layer it becomes: the dense weight it factorizes}."""
+    """{name suffix of the low-rank layer it becomes: the dense weight it factorizes} (a
+    Conv1D's as stored, (in, out))."""
     if not isinstance(module, nn.MultiheadAttention):
         return {"": module.weight}
     if module._qkv_same_embed_dim:
@@ -112,7 +114,8 @@ def _dense_weights(modules) -> list[torch.Tensor]:
 
 def _share_and_map(old: nn.Module, new: nn.Module) -> list[tuple[nn.Parameter, list]]:
     """Make `new` reuse old's bias Parameters, and map each old parameter that is replaced to
-    its successors: [(old, [(new_param, how)])], how = ("project", U, V) or ("chunk", i, n)."""
+    its successors: [(old, [(new_param, how)])], how = ("project", U, V), or
+    ("project_transposed", U, V) for a Conv1D's (in, out) weight, or ("chunk", i, n)."""
     if isinstance(old, nn.MultiheadAttention):
         pairs = [(old.out_proj, new.out_proj, old.out_proj.weight)]
         if new.packed_in_proj:
@@ -135,7 +138,8 @@ def _share_and_map(old: nn.Module, new: nn.Module) -> list[tuple[nn.Parameter, l
             new.bias_k, new.bias_v = old.bias_k, old.bias_v
         return transfers
     _share_bias(new, old.bias)
-    return [(old.weight, [(new.S, ("project", new.U, new.V))])]
+    project = "project_transposed" if is_conv1d(old) else "project"
+    return [(old.weight, [(new.S, (project, new.U, new.V))])]
 
 
 def _share_bias(layer: nn.Module, bias) -> None:
