@@ -9,7 +9,15 @@ import torch
 
 from . import analysis, nn, plots, reference, training
 from .analysis import landscape, spectral
-from .nn import LowRankConv2d, LowRankLinear, LowRankMultiheadAttention, convert, merge, ranks
+from .nn import (
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+    convert,
+    merge,
+    ranks,
+    to_plain,
+)
 from .ops import (
     BUILD_CONFIG,
     cuda_kernels,
@@ -66,6 +74,7 @@ __all__ = [
     "spectral",
     "set_cuda_kernels",
     "successive",
+    "to_plain",
     "training",
     "use_cuda_kernels",
 ]

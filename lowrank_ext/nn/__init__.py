@@ -1,5 +1,5 @@
 """The modules: LowRankLinear, LowRankConv2d and LowRankMultiheadAttention, their base class
-FactoredModule, and whole-model conversion (convert, merge, ranks).
+FactoredModule, and whole-model conversion (convert, merge, ranks, to_plain).
 
 Built on the op layer (`lowrank_ext.ops`) only. `lowrank_ext.nn.LowRankLinear` is also the
 class's path in models pickled before the package had sub-packages, so it stays importable here.
@@ -10,6 +10,7 @@ from .conv import LowRankConv2d
 from .convert import convert, merge, ranks
 from .factored import FactoredModule, energy_rank
 from .linear import LowRankLinear
+from .plain import to_plain
 
 __all__ = [
     "FactoredModule",
@@ -20,4 +21,5 @@ __all__ = [
     "energy_rank",
     "merge",
     "ranks",
+    "to_plain",
 ]
