@@ -88,20 +88,6 @@ def test_mixed_model():
     torch.testing.assert_close(rebuilt(x), expected, **TOL)
 
 
-def _conv1d_to_low_rank(model, rank):
-    """GPT-2's Conv1D (weight (in, out)) as LowRankLinear, as a converter would leave them."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv1D):
-            linear = nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.T)
-                linear.bias.copy_(module.bias)
-            parent, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent), attribute, LowRankLinear.from_linear(linear, rank))
-
-
 def _bert():
     from transformers import BertConfig, BertModel
 
@@ -135,7 +121,7 @@ def test_transformers_models():
         eos_token_id=0,
     )
     gpt2 = GPT2Model(config).double().eval()
-    _conv1d_to_low_rank(gpt2, 4)
+    convert(gpt2, rank=4, target_modules=["c_attn", "c_proj", "c_fc"])  # Conv1D layers
     for model in (bert, gpt2):
         assert len(lowrank_ext.ranks(model)) >= 8
         expected = model(ids).last_hidden_state
