@@ -165,8 +165,6 @@ def test_each_layout_is_its_tensors_and_loads_back_at_the_saved_shapes(state):
     # Trainable factors are parameters, the frozen part buffers, as grow/freeze leave them.
     assert {n for n, _ in fresh.named_parameters()} == {"bias"} | (set(LAYOUTS[state]) & set("USV"))
     assert torch.equal(fresh.weight, model.weight)
-    reference = model.weight.detach().double()  # W of the saved factors, in float64
-    torch.testing.assert_close(fresh.weight.double(), reference, rtol=0, atol=0)
     assert torch.equal(_run(fresh, inputs), _run(model, inputs))
 
 
