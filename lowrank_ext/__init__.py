@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from . import analysis, nn, plots, reference, training
+from . import analysis, io, nn, plots, reference, training
 from .analysis import landscape, spectral
+from .io import from_pretrained, save_pretrained
 from .nn import (
     LowRankConv2d,
     LowRankLinear,
@@ -63,6 +64,8 @@ __all__ = [
     "build_info",
     "convert",
     "cuda_kernels",
+    "from_pretrained",
+    "io",
     "landscape",
     "linear",
     "merge",
@@ -71,6 +74,7 @@ __all__ = [
     "project_out",
     "ranks",
     "reference",
+    "save_pretrained",
     "spectral",
     "set_cuda_kernels",
     "successive",

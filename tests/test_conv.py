@@ -163,11 +163,16 @@ def test_init_matches_conv2d_kernel_norm_and_bias_bound():
     torch.testing.assert_close(layer.V.T @ layer.V, identity, atol=1e-6, rtol=0)
 
 
-def test_state_dict_records_rank_and_loads_at_another_rank():
+def test_state_dict_holds_the_rank_in_shapes_and_loads_at_another_rank():
     torch.manual_seed(0)
     saved = LowRankConv2d(3, 6, 3, 2, padding=1, core="full")
     state = saved.state_dict()
-    assert state["_extra_state"] == {"rank": 2, "core": "full"}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "U": (6, 2),
+        "S": (2, 2),
+        "V": (27, 2),
+        "bias": (6,),
+    }
     other = LowRankConv2d(3, 6, 3, 5, padding=1, core="full")
     other.load_state_dict(state)
     assert other.rank == 2 and other.S.shape == (2, 2)

@@ -207,14 +207,18 @@ def test_state_dict_saved_by_0_1_loads_at_its_ranks():
     assert model["grown"].frozen_rank == 1 and model["grown"].S_frozen is not None
     assert lowrank_ext.ranks(model)["attention.in_proj"] == 3
     _check_outputs(model)
-    # Saved again, the checkpoint has the same keys, shapes and records as 0.1 wrote.
+    # Saved again, the checkpoint has 0.1's tensors, keys and shapes, without its records.
     again = model.state_dict()
-    assert list(again) == list(saved)
-    for key, value in saved.items():
-        if torch.is_tensor(value):
-            assert again[key].shape == value.shape, key
-        else:
-            assert again[key] == value, key
+    assert list(again) == _tensor_keys(saved)
+    for key in again:
+        assert again[key].shape == saved[key].shape, key
+
+
+def _tensor_keys(saved: dict) -> list[str]:
+    """0.1's keys less its `_extra_state` layout records (dicts), which this release derives."""
+    records = [key for key in saved if key.endswith("._extra_state")]
+    assert records and all(isinstance(saved[key], dict) for key in records)
+    return [key for key in saved if key not in records]
 
 
 def test_state_dict_layout_is_that_of_0_1():
@@ -223,9 +227,6 @@ def test_state_dict_layout_is_that_of_0_1():
     spec.loader.exec_module(fixtures)
     saved = torch.load(DATA / "v0_1_state_dict.pt", weights_only=True)
     built = fixtures.modules().state_dict()  # the same modules, built by this release
-    assert list(built) == list(saved)
-    for key, value in saved.items():
-        if torch.is_tensor(value):
-            assert built[key].shape == value.shape and built[key].dtype == value.dtype, key
-        else:
-            assert built[key] == value, key
+    assert list(built) == _tensor_keys(saved)
+    for key, value in built.items():
+        assert value.shape == saved[key].shape and value.dtype == saved[key].dtype, key

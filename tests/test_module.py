@@ -74,7 +74,13 @@ def test_state_dict_round_trip_and_rank_change():
     torch.manual_seed(0)
     saved = LowRankLinear(10, 8, 5, core="full")
     state = saved.state_dict()
-    assert state["_extra_state"] == {"rank": 5, "core": "full"}
+    # Tensors only: the rank and the core are U's columns and S's dims.
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "U": (8, 5),
+        "S": (5, 5),
+        "V": (10, 5),
+        "bias": (8,),
+    }
     other = LowRankLinear(10, 8, 2, core="full")
     other.load_state_dict(state)
     assert other.rank == 5
@@ -90,16 +96,17 @@ def test_state_dict_mismatch_names_both_shapes():
         RuntimeError, match="checkpoint has core='diag' but the module has core='full'"
     ):
         LowRankLinear(10, 8, 3, core="full").load_state_dict(saved)
+    # 0.1.0's record of the layout is checked against the tensors.
     corrupt = dict(saved, _extra_state={"rank": 4, "core": "diag"})
-    with pytest.raises(RuntimeError, match="recorded rank .* disagrees with U of shape"):
+    with pytest.raises(RuntimeError, match=r"_extra_state: 0.1.0's record .*'rank': 4.* disagrees"):
         LowRankLinear(10, 8, 3).load_state_dict(corrupt)
 
 
 @pytest.mark.parametrize(
     "key, value, match",
     [
-        ("_extra_state", "garbage", "expected a dict with 'rank' and 'core'"),
-        ("U", [[1.0]], "U: checkpoint holds a list, not a tensor"),
+        ("_extra_state", "garbage", "_extra_state: expected 0.1.0's layout record, a dict"),
+        ("U", [[1.0]], "U: the checkpoint holds a list, not a tensor"),
     ],
 )
 def test_corrupt_checkpoint_gets_a_clear_error(key, value, match):

@@ -124,12 +124,7 @@ def convert(
         _carry_training_state(dense, low_rank)
         replacements[id(dense)] = low_rank
     _swap(model, replacements)
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(
-            isinstance(getattr(layer, "self_attn", None), LowRankMultiheadAttention)
-            for layer in module.layers
-        ):
-            module.use_nested_tensor = False
+    _disable_nested_tensor(model)
     return model
 
 
@@ -339,6 +334,17 @@ def _carry_training_state(old: nn.Module, new: nn.Module) -> None:
     parameters = list(old.parameters())
     if parameters and not any(p.requires_grad for p in parameters):
         new.requires_grad_(False)
+
+
+def _disable_nested_tensor(model: nn.Module) -> None:
+    """Turn off the nested-tensor path of every nn.TransformerEncoder with low-rank attention:
+    it reads dense attention weights."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(getattr(layer, "self_attn", None), LowRankMultiheadAttention)
+            for layer in module.layers
+        ):
+            module.use_nested_tensor = False
 
 
 def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:

@@ -3,8 +3,9 @@
 It holds what LowRankLinear and LowRankConv2d share: the factors U (out, r), S (r,) or (r, r),
 V (in, r) and the bias; the rank bookkeeping and the initialization; `factors()` as forward uses
 them; rank growth and freezing (successive refinement); the dense view `.weight`; `extra_repr`;
-and the state-dict layout, which records the rank so that a checkpoint saved at one rank loads
-into a module built at another. A subclass adds only its forward, the shape of its dense weight
+and loading a state dict, whose layout (rank, core, frozen part) is read from its tensors'
+shapes (nn/checkpoint.py) so that a checkpoint saved at one rank loads into a module built at
+another. A subclass adds only its forward, the shape of its dense weight
 (`_weight_shape`), its `extra_repr` fields and its from_*/to_* conversions; in_features and
 out_features are the sizes of the matrix W (for a convolution, in·kh·kw and out).
 """
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from .. import linalg, ops, reference
+from . import checkpoint
+from .checkpoint import FACTORS as _FACTORS  # noqa: F401 (training.growth imports both)
+from .checkpoint import FROZEN as _FROZEN
 
 _CORES = ("diag", "full")
-_FACTORS = ("U", "S", "V")
-_FROZEN = ("U_frozen", "V_frozen", "S_frozen")
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
@@ -48,7 +50,9 @@ def _random_orthonormal(
     X = torch.randn(shape, dtype=torch.float64, generator=generator)
     if frozen is not None and shape[1]:
         X = ops.project_out(frozen.detach().double(), X)
-    return torch.linalg.qr(X)[0]
+    # QR's Q is column-major; a parameter made from it would be a non-contiguous tensor, which
+    # safetensors refuses to save.
+    return torch.linalg.qr(X)[0].contiguous()
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -93,8 +97,11 @@ class FactoredModule(nn.Module):
     dense W is never formed in forward or backward; `.weight` builds it on demand for tools that
     read it.
 
-    The state_dict records the rank: loading a checkpoint saved at another rank resizes U, S and
-    V to the saved rank (re-create optimizers afterwards: they hold the old parameters).
+    The state_dict holds tensors only (safetensors can save it), and their shapes tell the rank,
+    the core and the frozen part: loading a checkpoint saved at another rank or layout resizes U,
+    S, V and the frozen buffers to it (re-create optimizers afterwards: they hold the old
+    parameters). A checkpoint that cannot fit is refused with an error naming the key and the
+    module, and leaves the module as it was.
 
     Successive refinement (`grow`, `freeze`) splits the components in two. The frozen ones live
     in the buffers U_frozen (out, f), V_frozen (in, f) with orthonormal columns, and S_frozen (f,)
@@ -338,123 +345,43 @@ class FactoredModule(nn.Module):
             f"bias={self.bias is not None}{frozen}"
         )
 
-    def get_extra_state(self) -> dict:
-        state = {"rank": self.rank, "core": self.core}
-        if self.frozen_rank:
-            state.update(frozen=self.frozen_rank, frozen_scales=self.S_frozen is not None)
-        return state
-
-    def set_extra_state(self, state) -> None:
-        pass  # read (and validated) in _load_from_state_dict, before the parameters are copied
-
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        problem = self._adopt_saved_layout(state_dict, prefix)
-        if problem:
-            error_msgs.append(problem)
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        # The layout comes from the checkpoint's tensors (lowrank_ext/nn/checkpoint.py).
+        def load() -> None:
+            super(FactoredModule, self)._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+
+        checkpoint.load_factored(self, load, state_dict, prefix, unexpected_keys, error_msgs)
+
+    def _set_layout(self, rank: int, frozen_rank: int = 0, frozen_scales: bool = False) -> None:
+        """Resize to rank `rank` with `frozen_rank` frozen components (their scales frozen too
+        with `frozen_scales`), as a checkpoint of that layout would; the values are unset.
+
+        For building a module whose values a checkpoint fills next (`lowrank_ext.from_pretrained`).
+        """
+        rank = _check_rank(rank, self.in_features, self.out_features)
+        if isinstance(frozen_rank, bool) or not isinstance(frozen_rank, int):
+            raise ValueError(f"argument 'frozen_rank' must be an int, got {frozen_rank!r}")
+        if not 0 <= frozen_rank <= rank:
+            raise ValueError(
+                f"argument 'frozen_rank' must be in [0, rank={rank}], got {frozen_rank}"
+            )
+        if frozen_rank and self.core != "diag":
+            raise ValueError(f"only core='diag' layers have frozen components, not {self.core!r}")
+        if not isinstance(frozen_scales, bool) or (frozen_scales and not frozen_rank):
+            raise ValueError(
+                f"argument 'frozen_scales' must be a bool, True only with frozen components; got "
+                f"{frozen_scales!r} with frozen_rank={frozen_rank}"
+            )
+        checkpoint.take_layout(
+            self, checkpoint.layout_shapes(self, rank, frozen_rank, frozen_scales)
         )
-
-    def _adopt_saved_layout(self, state_dict, prefix) -> str | None:
-        """Resize U, S, V (and the frozen part) to the checkpoint's; a message if it can't fit."""
-        extra = state_dict.get(prefix + "_extra_state", {})
-        if not isinstance(extra, dict):
-            return f"{prefix}_extra_state: expected a dict with 'rank' and 'core', got {extra!r}"
-        saved = {name: state_dict.get(prefix + name) for name in _FACTORS + _FROZEN}
-        grown = "frozen" in extra
-        if not grown and any(saved[name] is None for name in _FACTORS):
-            return None  # missing keys are reported by the default loader
-        for name, tensor in saved.items():
-            if tensor is not None and not torch.is_tensor(tensor):
-                return f"{prefix}{name}: checkpoint holds a {type(tensor).__name__}, not a tensor"
-        if extra.get("core", self.core) != self.core:
-            return (
-                f"{prefix}S: checkpoint has core={extra['core']!r} but the module has "
-                f"core={self.core!r}"
-            )
-        if grown:
-            expected = self._grown_layout(extra, prefix)
-        else:
-            expected = self._plain_layout(extra, saved["U"], prefix)
-        if isinstance(expected, str):
-            return expected
-        for name, shape in expected.items():
-            tensor = saved[name]
-            if shape is None:
-                continue
-            if tensor is None:
-                return f"{prefix}{name}: missing from the checkpoint of a grown layer ({extra!r})"
-            if tuple(tensor.shape) != shape:
-                current = getattr(self, name)
-                current = "absent" if current is None else tuple(current.shape)
-                return (
-                    f"size mismatch for {prefix}{name}: copying a param with shape "
-                    f"{tuple(tensor.shape)} from checkpoint, the shape in current model is "
-                    f"{current}; a {type(self).__name__}({self.in_features}, {self.out_features}) "
-                    f"accepts {name} of shape {shape} at this rank"
-                )
-        like = self.U if self.U is not None else self.U_frozen
-        for name, shape in expected.items():
-            current = getattr(self, name)
-            if shape is None:
-                setattr(self, name, None)
-            elif current is None or tuple(current.shape) != shape:
-                empty = like.new_empty(shape)
-                if name in _FACTORS:
-                    trainable = True if current is None else current.requires_grad
-                    empty = nn.Parameter(empty, trainable)
-                setattr(self, name, empty)
-        return None
-
-    def _plain_layout(self, extra: dict, U: torch.Tensor, prefix: str) -> dict | str:
-        """Shapes of a checkpoint without frozen components (its rank read from U)."""
-        rank = U.shape[1] if U.dim() == 2 else -1
-        if extra.get("rank", rank) != rank:
-            return (
-                f"{prefix}_extra_state: recorded rank {extra!r} disagrees with U of shape "
-                f"{tuple(U.shape)}"
-            )
-        limit = min(self.in_features, self.out_features)
-        if not 1 <= rank <= limit:
-            return (
-                f"size mismatch for {prefix}U: copying a param with shape {tuple(U.shape)} from "
-                f"checkpoint; a {type(self).__name__}({self.in_features}, {self.out_features}) "
-                "accepts "
-                f"U of shape ({self.out_features}, r) with r in [1, {limit}]"
-            )
-        return {
-            "U": (self.out_features, rank),
-            "S": self._core_shape(rank),
-            "V": (self.in_features, rank),
-            **dict.fromkeys(_FROZEN),
-        }
-
-    def _grown_layout(self, extra: dict, prefix: str) -> dict | str:
-        """Shapes of a grown layer's checkpoint; None for a tensor it does not hold."""
-        rank, frozen = extra.get("rank"), extra.get("frozen")
-        frozen_scales = extra.get("frozen_scales")
-        limit = min(self.in_features, self.out_features)
-        counts = (rank, frozen)
-        if (
-            self.core != "diag"
-            or any(isinstance(n, bool) or not isinstance(n, int) for n in counts)
-            or not 1 <= frozen <= rank <= limit
-            or not isinstance(frozen_scales, bool)
-        ):
-            return (
-                f"{prefix}_extra_state: a grown layer records core 'diag', ints "
-                f"1 <= frozen <= rank <= {limit} and a bool frozen_scales, got {extra!r}"
-            )
-        active = rank - frozen
-        scales = active if frozen_scales else rank
-        return {
-            "U": (self.out_features, active) if active else None,
-            "S": (scales,) if scales else None,
-            "V": (self.in_features, active) if active else None,
-            "U_frozen": (self.out_features, frozen),
-            "V_frozen": (self.in_features, frozen),
-            "S_frozen": (frozen,) if frozen_scales else None,
-        }
