@@ -9,7 +9,16 @@ import torch
 
 from . import analysis, nn, plots, reference, training
 from .analysis import landscape, spectral
-from .nn import LowRankConv2d, LowRankLinear, LowRankMultiheadAttention, convert, merge, ranks
+from .nn import (
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+    break_even_rank,
+    conversion_summary,
+    convert,
+    merge,
+    ranks,
+)
 from .ops import (
     BUILD_CONFIG,
     cuda_kernels,
@@ -52,7 +61,9 @@ __all__ = [
     "OIALR",
     "__version__",
     "analysis",
+    "break_even_rank",
     "build_info",
+    "conversion_summary",
     "convert",
     "cuda_kernels",
     "landscape",

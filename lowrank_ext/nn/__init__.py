@@ -1,5 +1,6 @@
 """The modules: LowRankLinear, LowRankConv2d and LowRankMultiheadAttention, their base class
-FactoredModule, and whole-model conversion (convert, merge, ranks).
+FactoredModule, whole-model conversion (convert, merge, ranks), the break-even rank past which a
+factorization is larger than its dense weight, and parameter counts (conversion_summary).
 
 Built on the op layer (`lowrank_ext.ops`) only. `lowrank_ext.nn.LowRankLinear` is also the
 class's path in models pickled before the package had sub-packages, so it stays importable here.
@@ -8,16 +9,27 @@ class's path in models pickled before the package had sub-packages, so it stays 
 from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .convert import convert, merge, ranks
+from .dense_weight import DenseView
 from .factored import FactoredModule, energy_rank
 from .linear import LowRankLinear
+from .summary import ConversionSummary, ModuleSummary, conversion_summary, count_parameters
+from .truncation import LargerThanDenseError, break_even_rank, factored_size
 
 __all__ = [
+    "ConversionSummary",
+    "DenseView",
     "FactoredModule",
+    "LargerThanDenseError",
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankMultiheadAttention",
+    "ModuleSummary",
+    "break_even_rank",
+    "conversion_summary",
     "convert",
+    "count_parameters",
     "energy_rank",
+    "factored_size",
     "merge",
     "ranks",
 ]

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .factored import FactoredModule, _truncated_svd
+from .factored import FactoredModule
+from .truncation import factorize
 
 
 class LowRankLinear(FactoredModule):
@@ -46,16 +47,28 @@ class LowRankLinear(FactoredModule):
         energy: float | None = None,
         *,
         core: str = "diag",
+        allow_larger: bool = False,
     ) -> LowRankLinear:
         """Truncated SVD of linear.weight (in float64): exact at full rank to float tolerance.
 
         Give `rank`, or `energy` to keep the smallest rank holding that fraction of Σσ², or
-        neither for full rank min(in, out).
+        neither for full rank min(in, out) (an exact conversion, which needs allow_larger).
+
+        Break-even rank: U (out, r), S and V (in, r) hold r·(in + out) + r numbers (core="diag";
+        + r² for "full") against in·out in the dense weight, so the factorization is smaller
+        only up to r = ⌊in·out / (in + out + 1)⌋ ("diag"; `lowrank_ext.nn.break_even_rank`),
+        about half of min(in, out) for a square layer. A larger rank raises
+        `LargerThanDenseError` (a ValueError naming the rank and the break-even rank) unless
+        `allow_larger=True`.
+
+        Returns a LowRankLinear with linear's dtype and device. Raises TypeError (not an
+        nn.Linear), ValueError (rank/energy out of range or both given, a rank above the
+        break-even rank without allow_larger).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
-        rank, U, sigma, V = _truncated_svd(weight, rank, energy)
+        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger)
         module = cls(
             linear.in_features,
             linear.out_features,
