@@ -62,7 +62,9 @@ def test_full_rank_matches_multihead_attention(batch_first, options):
     torch.manual_seed(0)
     dense = _dense(batch_first=batch_first, **options)
     core = "full" if batch_first else "diag"  # both cores over the grid
-    attention = LowRankMultiheadAttention.from_multihead_attention(dense, core=core)
+    attention = LowRankMultiheadAttention.from_multihead_attention(
+        dense, core=core, allow_larger=True
+    )
     assert attention.packed_in_proj == ("kdim" not in options)
     query, key, value = _inputs(dense, g)
     for masks, need_weights, average in itertools.product(_masks(g), [True, False], [True, False]):
@@ -80,7 +82,7 @@ def test_full_rank_matches_multihead_attention(batch_first, options):
 def test_self_attention_unbatched_and_merge_back(batch_first):
     torch.manual_seed(0)
     dense = _dense(batch_first=batch_first)
-    attention = LowRankMultiheadAttention.from_multihead_attention(dense)
+    attention = LowRankMultiheadAttention.from_multihead_attention(dense, allow_larger=True)
     x = torch.randn((N, L, E) if batch_first else (L, N, E), dtype=F64)
     single = x[0] if batch_first else x[:, 0]  # one unbatched (L, E) sequence
     padding = torch.tensor([False, False, True, False])
@@ -101,7 +103,9 @@ def test_self_attention_unbatched_and_merge_back(batch_first):
 def test_gradients_match_multihead_attention():
     torch.manual_seed(0)
     dense = _dense(kdim=5, vdim=6, batch_first=True)
-    attention = LowRankMultiheadAttention.from_multihead_attention(dense, core="full")
+    attention = LowRankMultiheadAttention.from_multihead_attention(
+        dense, core="full", allow_larger=True
+    )
     query = torch.randn(N, L, E, dtype=F64, requires_grad=True)
     key = torch.randn(N, S, 5, dtype=F64, requires_grad=True)
     value = torch.randn(N, S, 6, dtype=F64, requires_grad=True)
@@ -120,7 +124,7 @@ def test_dropout_and_causal_hint_follow_pytorch(need_weights):
     # Same RNG stream: with the same seed, dropout drops the same attention weights.
     torch.manual_seed(0)
     dense = _dense(dropout=0.3, batch_first=True)
-    attention = LowRankMultiheadAttention.from_multihead_attention(dense)
+    attention = LowRankMultiheadAttention.from_multihead_attention(dense, allow_larger=True)
     x = torch.randn(N, L, E, dtype=F64)
     causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=F64)
     for kwargs in ({}, {"attn_mask": causal, "is_causal": True}):
@@ -148,7 +152,9 @@ def test_truncation_and_energy_per_projection():
         sigma = torch.linalg.svdvals(weight.detach())
         error = torch.linalg.matrix_norm(layer.weight - weight) ** 2
         assert error.item() == pytest.approx((sigma[3:] ** 2).sum().item(), rel=1e-10)
-    by_energy = LowRankMultiheadAttention.from_multihead_attention(dense, energy=0.9)
+    by_energy = LowRankMultiheadAttention.from_multihead_attention(
+        dense, energy=0.9, allow_larger=True
+    )
     for weight, name in ((dense.in_proj_weight, "in_proj"), (dense.out_proj.weight, "out_proj")):
         power = torch.linalg.svdvals(weight.detach()) ** 2
         expected = int((torch.cumsum(power, 0) / power.sum() < 0.9).sum()) + 1

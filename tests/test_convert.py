@@ -68,7 +68,7 @@ def _transformer():
 
 def _equal_before_and_after(model, x, **convert_args):
     reference = copy.deepcopy(model)
-    convert(model, **convert_args)
+    convert(model, allow_larger=True, **convert_args)
     torch.testing.assert_close(model(x), reference(x), **TOL)
     converted = copy.deepcopy(model)
     merge(model)
@@ -100,7 +100,7 @@ def test_cnn_round_trip_at_full_rank(core):
 def test_transformer_round_trip_in_train_and_eval_mode():
     model = _transformer()
     reference = copy.deepcopy(model)
-    convert(model, target_modules="all-linear", core="full")
+    convert(model, target_modules="all-linear", core="full", allow_larger=True)
     encoder = model[0]
     assert isinstance(encoder.layers[0].self_attn, LowRankMultiheadAttention)
     assert isinstance(encoder.layers[1].linear2, LowRankLinear) and type(model[1]) is nn.Linear
@@ -128,7 +128,7 @@ def test_transformer_round_trip_in_train_and_eval_mode():
 def test_truncated_conversion_is_the_best_approximation_per_layer():
     model = _mlp()
     dense = copy.deepcopy(model)
-    convert(model, rank=2, target_modules=["fc", "head"])
+    convert(model, rank=2, target_modules=["fc", "head"], allow_larger=True)
     assert ranks(model) == {"fc": 2, "block.fc": 2, "head": 2}
     for name in ranks(model):
         weight = dense.get_submodule(name).weight.detach()
@@ -143,7 +143,7 @@ def test_energy_and_rank_pattern_choose_ranks_per_module():
         name: torch.linalg.svdvals(model.get_submodule(name).weight.detach()) ** 2
         for name in ("fc", "block.fc", "block.fc2")
     }
-    convert(model, energy=0.7, rank_pattern={"block\\.fc": 1, "fc": 3})
+    convert(model, energy=0.7, rank_pattern={"block\\.fc": 1, "fc": 3}, allow_larger=True)
     expected_energy = (
         int((torch.cumsum(powers["block.fc2"], 0) / powers["block.fc2"].sum() < 0.7).sum()) + 1
     )
@@ -153,26 +153,26 @@ def test_energy_and_rank_pattern_choose_ranks_per_module():
 
 def test_target_forms_follow_peft():
     # Suffix list: equal to the entry or ending in "." + entry, never a partial word.
-    model = convert(_mlp(), target_modules=["fc"])
+    model = convert(_mlp(), target_modules=["fc"], allow_larger=True)
     assert set(ranks(model)) == {"fc", "block.fc"}
     # A string is a full-match regex.
-    model = convert(_mlp(), target_modules=r"block\.fc\d?")
+    model = convert(_mlp(), target_modules=r"block\.fc\d?", allow_larger=True)
     assert set(ranks(model)) == {"block.fc", "block.fc2"}
     with pytest.raises(ValueError, match=r"the regex 'bloc' matches no module name in full"):
         convert(_mlp(), target_modules="bloc")
     # all-linear: every Linear but the last registered one, which can be named explicitly.
-    assert set(ranks(convert(_mlp(), target_modules="all-linear"))) == {
+    assert set(ranks(convert(_mlp(), target_modules="all-linear", allow_larger=True))) == {
         "fc",
         "block.fc",
         "block.fc2",
     }
-    assert set(ranks(convert(_mlp(), target_modules=["head"]))) == {"head"}
-    cnn = convert(_cnn(), target_modules="all-linear")
+    assert set(ranks(convert(_mlp(), target_modules=["head"], allow_larger=True))) == {"head"}
+    cnn = convert(_cnn(), target_modules="all-linear", allow_larger=True)
     assert set(ranks(cnn)) == {"7"}
     # Exclusions, as a list of suffixes or a regex.
-    model = convert(_mlp(), target_modules="all-linear", exclude_modules=["fc2"])
+    model = convert(_mlp(), target_modules="all-linear", exclude_modules=["fc2"], allow_larger=True)
     assert set(ranks(model)) == {"fc", "block.fc"}
-    model = convert(_mlp(), exclude_modules=r"block\..*")
+    model = convert(_mlp(), exclude_modules=r"block\..*", allow_larger=True)
     assert set(ranks(model)) == {"fc"}
 
 
@@ -182,7 +182,7 @@ def test_output_layer_is_the_models_output_embeddings_when_it_has_them():
             return self.block.fc
 
     torch.manual_seed(0)
-    model = convert(LanguageModel(), target_modules="all-linear")
+    model = convert(LanguageModel(), target_modules="all-linear", allow_larger=True)
     assert set(ranks(model)) == {"fc", "block.fc2", "head"}
 
 
@@ -191,7 +191,7 @@ def test_shared_module_is_replaced_everywhere_and_flags_carry_over():
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 4), nn.Linear(4, 2))
     model[3].requires_grad_(False)
     model.eval()
-    convert(model)
+    convert(model, allow_larger=True)
     assert model[0] is model[2] and isinstance(model[0], LowRankLinear)
     assert not model[0].training
     assert not any(p.requires_grad for p in model[3].parameters())
@@ -261,7 +261,12 @@ def test_a_late_failure_leaves_every_earlier_module_dense():
     model = _mlp()
     before = _state(model)
     with pytest.raises(ValueError, match=r"cannot convert 'block.fc2' \(Linear\)"):
-        convert(model, target_modules=["fc", "fc2"], rank_pattern={"block.fc2": 7})
+        convert(
+            model,
+            target_modules=["fc", "fc2"],
+            rank_pattern={"block.fc2": 7},
+            allow_larger=True,
+        )
     _assert_same_state(model, before)
 
 
@@ -290,10 +295,10 @@ def test_attention_parts_and_unsupported_modules_give_clear_errors():
 
 def test_converted_models_trace_without_graph_breaks():
     # backend="eager": dynamo's tracing (where graph breaks arise) without inductor's compile time.
-    cnn = convert(_cnn())
+    cnn = convert(_cnn(), allow_larger=True)
     x = torch.randn(2, 3, 12, 12, dtype=F64)
     torch.testing.assert_close(torch.compile(cnn, fullgraph=True, backend="eager")(x), cnn(x))
-    transformer = convert(_transformer(), target_modules="all-linear")
+    transformer = convert(_transformer(), target_modules="all-linear", allow_larger=True)
     tokens = torch.randn(2, 5, 8, dtype=F64)
     compiled = torch.compile(transformer, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(tokens), transformer(tokens))
@@ -306,7 +311,7 @@ def test_transformer_decoder_hosts_converted_self_and_cross_attention():
         layer.multihead_attn.in_proj_bias.normal_()  # PyTorch initializes it to 0
     decoder = nn.TransformerDecoder(layer, 2)
     reference = copy.deepcopy(decoder)
-    convert(decoder, target_modules=["self_attn", "multihead_attn"])
+    convert(decoder, target_modules=["self_attn", "multihead_attn"], allow_larger=True)
     assert set(ranks(decoder)) == {
         f"layers.{i}.{attention}.{projection}"
         for i in (0, 1)

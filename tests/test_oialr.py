@@ -102,9 +102,22 @@ def test_conversion_keeps_function_and_trains_only_cores_and_biases(kind):
     dense_biases = [p for n, p in model.named_parameters() if "bias" in n]
     _optimizer_step(model, opt, data, 2)
     before = model(x).detach()
+    dense = {"parameters": sum(p.numel() for p in model.parameters())}
+    dense["trainable"] = dense["parameters"]
     assert oialr.step() is True and oialr.converted
     torch.testing.assert_close(model(x).detach(), before, rtol=1e-10, atol=1e-12)
-    assert oialr.history == [{"step": 3, "ranks": oialr.ranks()}]
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert oialr.history == [
+        {
+            "step": 3,
+            "ranks": oialr.ranks(),
+            "parameters": total,
+            "trainable": trainable,
+            "dense": dense,
+        }
+    ]
+    assert total > dense["parameters"] > trainable  # full rank grows; only cores, biases train
     optimized = {id(p) for p in _optimized(opt)}
     for name, layer in oialr._managed.items():
         assert isinstance(layer, (LowRankLinear, LowRankConv2d)) and layer.core == "full"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from lowrank_ext import LowRankLinear, spectral
+from lowrank_ext import LowRankLinear, break_even_rank, spectral
 from lowrank_ext.nn import energy_rank
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -496,7 +496,10 @@ def test_suggest_ranks_feeds_from_linear(report):
     assert ranks == {row.name: row.energy_rank_90 for row in report}
     linear = nn.Linear(16, 32)
     single = spectral.analyze(linear.weight, name="fc")
-    converted = LowRankLinear.from_linear(linear, rank=spectral.suggest_ranks(single)["fc"])
+    # A random layer's 90 % rank is past its break-even rank (10): growth must be asked for.
+    suggested = spectral.suggest_ranks(single)["fc"]
+    assert suggested > break_even_rank(16, 32)
+    converted = LowRankLinear.from_linear(linear, rank=suggested, allow_larger=True)
     assert converted.rank == single[0].energy_rank_90
     assert spectral.suggest_ranks(spectral.analyze(torch.zeros(3, 3)))["W"] == 1
     with pytest.raises(ValueError, match="'energy'"):

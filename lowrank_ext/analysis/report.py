@@ -129,7 +129,9 @@ def suggest_ranks(report: SpectralReport, energy: float = 0.9) -> dict[str, int]
     """{layer name: smallest k whose k largest σ hold `energy` of Σσ²}, energy in (0, 1].
 
     For `LowRankLinear.from_linear(linear, rank=...)` and model conversion; at least 1 (the
-    smallest rank a LowRankLinear can have), also for an all-zero layer.
+    smallest rank a LowRankLinear can have), also for an all-zero layer. A rank above the
+    layer's `lowrank_ext.break_even_rank` makes it larger than dense: from_linear refuses it
+    without allow_larger=True, convert keeps that layer dense.
     """
     if not isinstance(report, SpectralReport):
         raise TypeError(

@@ -11,6 +11,7 @@ from torch import nn
 from .. import ops
 from .factored import _check_features
 from .linear import LowRankLinear
+from .truncation import LargerThanDenseError
 
 _IN_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -302,11 +303,19 @@ class LowRankMultiheadAttention(nn.Module):
         energy: float | None = None,
         *,
         core: str = "diag",
+        allow_larger: bool = False,
     ) -> LowRankMultiheadAttention:
         """Truncated SVD (float64) of each projection of `attention`; exact at full rank.
 
         `rank` (the same for every projection), or `energy` (each projection keeps the smallest
-        rank holding that fraction of its Σσ²), or neither for full rank.
+        rank holding that fraction of its Σσ²), or neither for full rank (an exact conversion,
+        which needs allow_larger).
+
+        Every projection must be no larger than its dense matrix: a projection whose rank is
+        above its break-even rank (`LowRankLinear.from_linear`; E·E/(2E + 1) for out_proj,
+        3E·E/(4E + 1) for a packed in_proj, with core="diag") raises `LargerThanDenseError`
+        (a ValueError naming the projection, its rank and break-even rank) unless
+        `allow_larger=True`.
         """
         if not isinstance(attention, nn.MultiheadAttention):
             raise TypeError(
@@ -335,8 +344,15 @@ class LowRankMultiheadAttention(nn.Module):
         for name, weight in weights.items():
             try:
                 projections[name] = LowRankLinear.from_linear(
-                    _linear_over(weight, biases[name]), rank, energy, core=core
+                    _linear_over(weight, biases[name]),
+                    rank,
+                    energy,
+                    core=core,
+                    allow_larger=allow_larger,
                 )
+            except LargerThanDenseError as error:
+                prefix = f"{name} ({weight.shape[1]} → {weight.shape[0]}): "
+                raise error.within(name, prefix) from None
             except ValueError as error:
                 raise ValueError(
                     f"{name} ({weight.shape[1]} → {weight.shape[0]}): {error}"

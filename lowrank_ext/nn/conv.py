@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factored import FactoredModule, _check_features, _truncated_svd
+from .factored import FactoredModule, _check_features
+from .truncation import factorize
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -148,11 +149,21 @@ class LowRankConv2d(FactoredModule):
         energy: float | None = None,
         *,
         core: str = "diag",
+        allow_larger: bool = False,
     ) -> LowRankConv2d:
         """Truncated SVD (in float64) of conv's kernel reshaped to (out, in·kh·kw).
 
         Exact at full rank to float tolerance. Give `rank`, or `energy` to keep the smallest rank
-        holding that fraction of Σσ², or neither for full rank min(out, in·kh·kw).
+        holding that fraction of Σσ², or neither for full rank min(out, in·kh·kw) (an exact
+        conversion, which needs allow_larger).
+
+        Break-even rank: the factors hold r·(out + in·kh·kw) + r numbers (core="diag"; + r² for
+        "full") against out·in·kh·kw in the kernel; a rank above the largest that is no larger
+        (`lowrank_ext.nn.break_even_rank(in·kh·kw, out, core)`) raises `LargerThanDenseError`
+        (a ValueError) unless `allow_larger=True`.
+
+        Raises TypeError (not an nn.Conv2d), ValueError (groups != 1, a lazy conv, rank/energy
+        out of range or both given, a rank above the break-even rank without allow_larger).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
@@ -164,7 +175,8 @@ class LowRankConv2d(FactoredModule):
         kernel = conv.weight
         if isinstance(kernel, nn.parameter.UninitializedParameter):
             raise ValueError("argument 'conv' is lazy and not initialized: run a forward first")
-        rank, U, sigma, V = _truncated_svd(kernel.reshape(conv.out_channels, -1), rank, energy)
+        matrix = kernel.reshape(conv.out_channels, -1)
+        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger)
         module = cls(
             conv.in_channels,
             conv.out_channels,

@@ -32,11 +32,20 @@ keys to ranks overriding `rank`/`energy`: a key matches a module if the regex
 
 The out_proj of an nn.MultiheadAttention is part of that module: it is converted with it and
 cannot be targeted alone.
+
+No silent growth: a rank-r factorization of an out×in weight holds r·(in + out) + r numbers
+(core="diag"; + r² for "full") against in·out dense, so it is smaller only up to the break-even
+rank ⌊in·out / (in + out + 1)⌋ ("diag"; `break_even_rank`), about in·out / (in + out). Without
+`allow_larger=True` a module whose chosen rank is above its break-even rank stays dense (a
+UserWarning lists them), and a conversion at full rank (neither rank nor energy) is refused.
+`conversion_summary(model)` (nn/summary.py) gives the parameter counts; convert logs it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -45,12 +54,15 @@ from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .hf_conv1d import conv1d_matrix, is_conv1d, linear_kinds
 from .linear import LowRankLinear
+from .summary import ModuleSummary, _summary
+from .truncation import LargerThanDenseError, _check_allow_larger, _check_core
 
 __all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
 
 ALL_LINEAR = "all-linear"
 _LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
 _SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1 and nn.MultiheadAttention"
+_LOG = logging.getLogger("lowrank_ext")
 
 
 def convert(
@@ -61,13 +73,15 @@ def convert(
     exclude_modules: str | Iterable[str] | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     core: str = "diag",
+    allow_larger: bool = False,
 ) -> nn.Module:
     """Replace the targeted dense modules of `model` by low-rank ones, in place.
 
     Args:
         model: the model; its submodules are replaced (not the root itself).
         rank: the rank of every converted factorization (each projection of an attention
-            module has its own); None with energy None means full rank, an exact conversion.
+            module has its own); None with energy None means full rank, an exact conversion,
+            which makes every module larger and so needs allow_larger=True.
         energy: instead of rank, keep per factorization the smallest rank holding this
             fraction of Σσ².
         target_modules: which modules to convert (see the module doc): None, "all-linear", a
@@ -75,8 +89,17 @@ def convert(
         exclude_modules: modules not to convert, as a regex or a list of name suffixes.
         rank_pattern: {key: rank} per-module ranks overriding `rank` and `energy`.
         core: "diag" or "full" (S an r×r trainable core, as OIALR trains it).
+        allow_larger: also convert modules whose factorization holds more parameters than the
+            dense module, i.e. whose rank is above the break-even rank ⌊in·out/(in + out + 1)⌋
+            (core "diag"; `lowrank_ext.nn.break_even_rank`; every projection of an attention
+            module must fit). False (default): such modules stay dense and a UserWarning lists
+            them with their chosen and break-even ranks.
 
-    Returns the model. All-or-nothing: every replacement is computed before any is swapped in,
+    Returns the model. The per-module parameter counts before and after, and the model's
+    totals, are logged at INFO on the logger "lowrank_ext" (with the modules kept dense);
+    `lowrank_ext.conversion_summary(model)` gives them as an object and a table.
+
+    All-or-nothing: every replacement is computed before any is swapped in,
     so on error the model is left as it was. A replacement keeps the replaced module's training
     flag, and a module whose parameters were all frozen stays frozen; hooks registered on the
     replaced module are not carried over. A module registered under several names is replaced
@@ -87,12 +110,15 @@ def convert(
 
     Raises ValueError naming the argument or the module: rank and energy both given; a target,
     exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
-    converted; a rank out of range for a module.
+    converted; a rank out of range for a module; a full-rank conversion (neither rank nor
+    energy, for a module rank_pattern does not cover) without allow_larger=True.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
     if rank is not None and energy is not None:
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
+    _check_allow_larger(allow_larger)
+    _check_core(core)
     modules = {name: module for name, module in model.named_modules() if name}
     internal = _attention_internals(modules)
     targets = _targets(model, modules, internal, target_modules)
@@ -110,20 +136,29 @@ def convert(
     for name in targets:
         _check_convertible(name, modules[name], internal)
     per_module = _pattern_ranks(rank_pattern, targets)
+    if rank is None and energy is None and not allow_larger:
+        _refuse_full_rank([name for name in targets if name not in per_module], modules)
 
-    replacements = {}
+    replacements, kept_dense = {}, []
     for name in targets:
         dense = modules[name]
         module_rank, module_energy = (
             (per_module[name], None) if name in per_module else (rank, energy)
         )
         try:
-            low_rank = _factorize(dense, module_rank, module_energy, core)
+            low_rank = _factorize(dense, module_rank, module_energy, core, allow_larger)
+        except LargerThanDenseError as error:
+            kept_dense.append(_kept_dense_row(name, dense, error))
+            continue
         except ValueError as error:
             raise ValueError(f"cannot convert {name!r} ({type(dense).__name__}): {error}") from None
         _carry_training_state(dense, low_rank)
         replacements[id(dense)] = low_rank
     _swap(model, replacements)
+    if kept_dense:
+        warnings.warn(_kept_dense_message(kept_dense), UserWarning, stacklevel=2)
+    if _LOG.isEnabledFor(logging.INFO):
+        _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
     _disable_nested_tensor(model)
     return model
 
@@ -253,9 +288,9 @@ def _match(spec, names: list[str], argument: str) -> list[str]:
     return [name for name in names if name in matched]
 
 
-def _some(names: list[str], limit: int = 8) -> str:
+def _some(names: list[str], limit: int = 8, noun: str = "the model's modules") -> str:
     shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
-    return f"the model's modules: {shown}" if names else "the model has no submodules"
+    return f"{noun}: {shown}" if names else "the model has no submodules"
 
 
 def _check_convertible(name: str, module: nn.Module, internal: set[str]) -> None:
@@ -319,14 +354,49 @@ def _pattern_ranks(rank_pattern, targets: list[str]) -> dict[str, int]:
     return per_module
 
 
-def _factorize(module: nn.Module, rank, energy, core: str) -> nn.Module:
+def _factorize(module: nn.Module, rank, energy, core: str, allow_larger: bool) -> nn.Module:
+    options = {"core": core, "allow_larger": allow_larger}
     if isinstance(module, nn.MultiheadAttention):
-        return LowRankMultiheadAttention.from_multihead_attention(module, rank, energy, core=core)
+        return LowRankMultiheadAttention.from_multihead_attention(module, rank, energy, **options)
     if isinstance(module, nn.Conv2d):
-        return LowRankConv2d.from_conv2d(module, rank, energy, core=core)
+        return LowRankConv2d.from_conv2d(module, rank, energy, **options)
     if is_conv1d(module):
-        return LowRankLinear.from_conv1d(module, rank, energy, core=core)
-    return LowRankLinear.from_linear(module, rank, energy, core=core)
+        return LowRankLinear.from_conv1d(module, rank, energy, **options)
+    return LowRankLinear.from_linear(module, rank, energy, **options)
+
+
+def _refuse_full_rank(names: list[str], modules: Mapping[str, nn.Module]) -> None:
+    """A full-rank factorization is always larger than its matrix: say so before any SVD."""
+    if not names:
+        return
+    dense = sum(p.numel() for name in names for p in modules[name].parameters())
+    raise ValueError(
+        f"convert without rank or energy factorizes at full rank ({_some(names, noun='modules')}"
+        f", {dense:,} parameters): an exact conversion, but one that makes every module larger "
+        "(a rank-r factorization of an out×in weight holds r·(in + out) + r numbers against "
+        "in·out, smaller only up to the break-even rank ⌊in·out / (in + out + 1)⌋, and "
+        "min(in, out) is past it). Pass allow_larger=True for the exact conversion, or rank= "
+        "or energy= to compress"
+    )
+
+
+def _kept_dense_row(name: str, dense: nn.Module, error: LargerThanDenseError) -> ModuleSummary:
+    count = sum(p.numel() for p in dense.parameters())
+    kind = type(dense).__name__ + (f".{error.part}" if error.part else "")
+    return ModuleSummary(name, kind, error.rank, error.break_even, count, count, kept_dense=True)
+
+
+def _kept_dense_message(rows: list[ModuleSummary]) -> str:
+    lines = [
+        f"  {row.name} ({row.dense_class}): rank {row.rank} > break-even rank {row.break_even}"
+        for row in rows
+    ]
+    return (
+        f"lowrank_ext.convert kept {len(rows)} module(s) dense: at the chosen rank their "
+        "factorization would hold more parameters than the dense weight (U, S, V: "
+        "r·(in + out) + r numbers against in·out; smaller only up to the break-even rank). "
+        "Pass allow_larger=True to convert them anyway:\n" + "\n".join(lines)
+    )
 
 
 def _carry_training_state(old: nn.Module, new: nn.Module) -> None:

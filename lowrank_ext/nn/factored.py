@@ -7,7 +7,9 @@ and loading a state dict, whose layout (rank, core, frozen part) is read from it
 shapes (nn/checkpoint.py) so that a checkpoint saved at one rank loads into a module built at
 another. A subclass adds only its forward, the shape of its dense weight
 (`_weight_shape`), its `extra_repr` fields and its from_*/to_* conversions; in_features and
-out_features are the sizes of the matrix W (for a convolution, in·kh·kw and out).
+out_features are the sizes of the matrix W (for a convolution, in·kh·kw and out). The dense
+face of the module, the read-only view `.weight` and `set_weight`, is its base `DenseWeight`
+(dense_weight.py); choosing a rank by SVD and the break-even rank are in truncation.py.
 """
 
 from __future__ import annotations
@@ -17,22 +19,14 @@ import math
 import torch
 from torch import nn
 
-from .. import linalg, ops, reference
+from .. import linalg, ops
 from . import checkpoint
 from .checkpoint import FACTORS as _FACTORS  # noqa: F401 (training.growth imports both)
 from .checkpoint import FROZEN as _FROZEN
+from .dense_weight import DenseWeight
 
-_CORES = ("diag", "full")
-
-
-def _check_rank(rank, in_features: int, out_features: int) -> int:
-    limit = min(in_features, out_features)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-        raise ValueError(
-            "argument 'rank' must be an int in [1, min(in_features, out_features)] = "
-            f"[1, {limit}], got {rank!r}"
-        )
-    return rank
+# Moved to truncation.py; energy_rank and _truncated_svd stay importable from here.
+from .truncation import _CORES, _check_rank, _truncated_svd, energy_rank  # noqa: F401
 
 
 def _check_features(name: str, value) -> int:
@@ -55,35 +49,7 @@ def _random_orthonormal(
     return torch.linalg.qr(X)[0].contiguous()
 
 
-def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest k whose k largest singular values hold `energy` of Σσ² (energy in (0, 1])."""
-    if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-        raise ValueError(f"argument 'energy' must be a number in (0, 1], got {energy!r}")
-    power = singular_values.double() ** 2
-    fraction = torch.cumsum(power, 0) / power.sum()
-    # The tolerance keeps energy=1.0 from landing past the end through rounding.
-    return int(torch.searchsorted(fraction, torch.tensor(energy - 1e-12, dtype=fraction.dtype))) + 1
-
-
-def _truncated_svd(
-    weight: torch.Tensor, rank: int | None, energy: float | None
-) -> tuple[int | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rank, U, σ, V) of the float64 SVD of the 2-D `weight`, untruncated.
-
-    The rank is `rank` as given (the module's constructor checks it), or the smallest holding
-    `energy` of Σσ², or full rank when neither is given.
-    """
-    if rank is not None and energy is not None:
-        raise ValueError("give at most one of the arguments 'rank' and 'energy'")
-    U, sigma, Vh = linalg.svd(weight.detach().double())
-    if energy is not None:
-        rank = energy_rank(sigma, energy)
-    elif rank is None:
-        rank = sigma.numel()
-    return rank, U, sigma, Vh.mT
-
-
-class FactoredModule(nn.Module):
+class FactoredModule(DenseWeight):
     """A module whose weight is W = U S Vᵀ (out_features × in_features) of rank r.
 
     Args:
@@ -95,7 +61,7 @@ class FactoredModule(nn.Module):
     Parameters U (out, r) and V (in, r) start orthonormal and S at √(out / (3r)), so that
     ‖W‖_F² = out/3 as for nn.Linear's default init; the bias is initialized as nn.Linear's. The
     dense W is never formed in forward or backward; `.weight` builds it on demand for tools that
-    read it.
+    read it, as a read-only view (`set_weight` sets it; see `DenseWeight`).
 
     The state_dict holds tensors only (safetensors can save it), and their shapes tell the rank,
     the core and the frozen part: loading a checkpoint saved at another rank or layout resizes U,
@@ -200,12 +166,6 @@ class FactoredModule(nn.Module):
     def _weight_shape(self) -> tuple[int, ...]:
         """The shape of the dense module's weight (a subclass's; W reshaped to it)."""
         raise NotImplementedError
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight W = U S Vᵀ in the dense module's shape, built on demand; forward
-        never uses it."""
-        return reference.dense_weight(*self.factors()).reshape(self._weight_shape())
 
     def grow(
         self,

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from .factored import FactoredModule, _truncated_svd
+from .factored import FactoredModule
 from .hf_conv1d import conv1d_class, conv1d_matrix, is_conv1d
+from .truncation import factorize
 
 _DENSE_KINDS = ("linear", "conv1d")
 
@@ -61,11 +62,23 @@ class LowRankLinear(FactoredModule):
         energy: float | None = None,
         *,
         core: str = "diag",
+        allow_larger: bool = False,
     ) -> LowRankLinear:
         """Truncated SVD of linear.weight (in float64): exact at full rank to float tolerance.
 
         Give `rank`, or `energy` to keep the smallest rank holding that fraction of Σσ², or
-        neither for full rank min(in, out).
+        neither for full rank min(in, out) (an exact conversion, which needs allow_larger).
+
+        Break-even rank: U (out, r), S and V (in, r) hold r·(in + out) + r numbers (core="diag";
+        + r² for "full") against in·out in the dense weight, so the factorization is smaller
+        only up to r = ⌊in·out / (in + out + 1)⌋ ("diag"; `lowrank_ext.nn.break_even_rank`),
+        about half of min(in, out) for a square layer. A larger rank raises
+        `LargerThanDenseError` (a ValueError naming the rank and the break-even rank) unless
+        `allow_larger=True`.
+
+        Returns a LowRankLinear with linear's dtype and device. Raises TypeError (not an
+        nn.Linear), ValueError (rank/energy out of range or both given, a rank above the
+        break-even rank without allow_larger).
         """
         if not isinstance(linear, nn.Linear):
             hint = " (use from_conv1d for a transformers Conv1D)" if is_conv1d(linear) else ""
@@ -73,7 +86,7 @@ class LowRankLinear(FactoredModule):
                 f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}{hint}"
             )
         weight = linear.weight
-        rank, U, sigma, V = _truncated_svd(weight, rank, energy)
+        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger)
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -106,6 +119,7 @@ class LowRankLinear(FactoredModule):
         energy: float | None = None,
         *,
         core: str = "diag",
+        allow_larger: bool = False,
     ) -> LowRankLinear:
         """Truncated SVD (in float64) of a transformers Conv1D(nf, nx)'s map y = x W + b.
 
@@ -113,17 +127,18 @@ class LowRankLinear(FactoredModule):
         the result is a LowRankLinear(nx, nf) with the same function, exact at full rank to
         float tolerance, and `dense_kind="conv1d"` (merge gives back a Conv1D). Give `rank`, or
         `energy` to keep the smallest rank holding that fraction of Σσ², or neither for full
-        rank min(nx, nf).
+        rank min(nx, nf) (which needs allow_larger). A rank above the break-even rank (see
+        from_linear) raises `LargerThanDenseError` unless `allow_larger=True`.
 
         Raises TypeError when `conv1d` is not a Conv1D, ValueError when its weight is lazy, not
-        2-D or not (nx, nf), or the rank is out of range.
+        2-D or not (nx, nf), the rank is out of range or above the break-even rank.
         """
         if not is_conv1d(conv1d):
             raise TypeError(
                 f"argument 'conv1d' must be a transformers Conv1D, got {type(conv1d).__name__}"
             )
         matrix = conv1d_matrix(conv1d, "argument 'conv1d'")
-        rank, U, sigma, V = _truncated_svd(matrix, rank, energy)
+        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger)
         module = cls(
             matrix.shape[1],
             matrix.shape[0],

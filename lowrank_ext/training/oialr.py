@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import linalg
 from ..nn import convert
-from . import optimizer_state
+from . import oialr_history, optimizer_state
 from .oialr_checkpoint import STATE_VERSION, check_saved_ranks, check_state
 from .oialr_selection import (
     _dense_factorizations,
@@ -81,6 +81,12 @@ class OIALR:
         state_mode: "rotate", "slice" or "reset" (see the module doc).
         process_group: the group to broadcast decisions in (default: the default group when
             torch.distributed is initialized).
+
+    `history`: per conversion (the first entry) and update, {"step", "ranks", "parameters",
+    "trainable"}: the ranks and the model's counts after it (`lowrank_ext.nn.count_parameters`),
+    logged on the logger "lowrank_ext"; the conversion's also has "dense": the dense model's
+    {"parameters", "trainable"}. Converting at full rank makes the model larger than dense
+    (past every break-even rank) until truncations shrink it.
 
     Usage: `loss.backward(); optimizer.step(); oialr.step()`. Checkpoint `oialr.state_dict()`
     with the model's and optimizer's; to resume, build the dense model, optimizer and OIALR as
@@ -190,9 +196,11 @@ class OIALR:
         dense = {name: modules[name] for name in self._to_convert}
         if carry_state:
             self._check_states(_dense_weights(dense.values()))
+        before = oialr_history.counts(self.model)
         if dense:
             exact = "|".join(re.escape(name) for name in dense)
-            convert(self.model, target_modules=f"(?:{exact})", core="full")
+            # Full rank keeps the function exactly; it is larger than dense until truncations.
+            convert(self.model, target_modules=f"(?:{exact})", core="full", allow_larger=True)
         transfers = []
         for name, old in dense.items():
             transfers += _share_and_map(old, self.model.get_submodule(name))
@@ -209,7 +217,7 @@ class OIALR:
         self._managed = managed
         self.converted = True
         self._broadcast_layers()
-        self.history.append({"step": self.steps, "ranks": self.ranks()})
+        self.history.append(oialr_history.entry(self.model, self.steps, self.ranks(), before))
 
     # ---------------------------------------------------------------- basis update and pruning
 
@@ -239,7 +247,7 @@ class OIALR:
             changed |= k < sigma.numel()
             self._rotate(layer, P[:, :k], sigma[:k], Q[:, :k])
         self._broadcast_layers()
-        self.history.append({"step": steps, "ranks": self.ranks()})
+        self.history.append(oialr_history.entry(self.model, steps, self.ranks()))
         return changed
 
     def _kept(self, sigma: torch.Tensor) -> int:
@@ -355,7 +363,7 @@ class OIALR:
             "converted": self.converted,
             "ranks": self.ranks(),
             "config": self._config(),
-            "history": [dict(entry, ranks=dict(entry["ranks"])) for entry in self.history],
+            "history": [oialr_history.copy_entry(entry) for entry in self.history],
         }
 
     def load_state_dict(self, state: dict) -> None:

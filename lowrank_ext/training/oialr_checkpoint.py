@@ -3,7 +3,11 @@ state before `OIALR.load_state_dict` changes anything."""
 
 from __future__ import annotations
 
-STATE_VERSION = 1
+from .oialr_history import copy_entry, is_entry
+
+# 2: history entries record parameter counts; version 1's entries ({step, ranks}) still load.
+STATE_VERSION = 2
+_READABLE = (1, STATE_VERSION)
 
 
 def check_state(state, delay: int, config: dict) -> tuple[int, bool, dict, list]:
@@ -17,10 +21,10 @@ def check_state(state, delay: int, config: dict) -> tuple[int, bool, dict, list]
             f"OIALR.load_state_dict: keys {sorted(state)} are not an OIALR state "
             f"({sorted(expected)})"
         )
-    if state["version"] != STATE_VERSION:
+    if state["version"] not in _READABLE:
         raise ValueError(
             f"OIALR.load_state_dict: state version {state['version']!r}, this release reads "
-            f"{STATE_VERSION}"
+            f"{_READABLE}"
         )
     steps, converted = state["steps"], state["converted"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -52,11 +56,13 @@ def check_state(state, delay: int, config: dict) -> tuple[int, bool, dict, list]
             f"OIALR.load_state_dict: 'ranks' {'missing' if converted else 'present'} in a "
             f"state with converted={converted}"
         )
-    if not isinstance(history, list) or not all(
-        isinstance(e, dict) and set(e) == {"step", "ranks"} for e in history
-    ):
-        raise ValueError("OIALR.load_state_dict: 'history' must be a list of {step, ranks}")
-    return steps, converted, dict(ranks), [dict(e, ranks=dict(e["ranks"])) for e in history]
+    if not isinstance(history, list) or not all(is_entry(e) for e in history):
+        raise ValueError(
+            "OIALR.load_state_dict: 'history' must be a list of {step, ranks, parameters, "
+            "trainable} (the first also with dense: {parameters, trainable}; version 1: "
+            "{step, ranks})"
+        )
+    return steps, converted, dict(ranks), [copy_entry(entry) for entry in history]
 
 
 def check_saved_ranks(ranks: dict, limits: dict[str, int]) -> None:

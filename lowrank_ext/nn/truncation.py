@@ -1,0 +1,184 @@
+"""How a factorization's rank is chosen, and when it stops paying: the truncated SVD, the energy
+rule, and the break-even rank past which U S Vᵀ holds more numbers than the dense W.
+
+A rank-r factorization of an out×in matrix holds U (out, r), V (in, r) and S: r numbers
+(core="diag") or r² (core="full"), so r·(in + out) + r or r·(in + out) + r² against in·out
+dense. The bias is the same on both sides and counted on neither. The break-even rank is the
+largest r that holds no more than in·out: ⌊in·out / (in + out + 1)⌋ for "diag", roughly
+in·out / (in + out) in general, and always below min(in, out): a full-rank factorization is
+larger than the matrix it factorizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import linalg
+
+_CORES = ("diag", "full")
+
+
+def _check_rank(rank, in_features: int, out_features: int) -> int:
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(
+            "argument 'rank' must be an int in [1, min(in_features, out_features)] = "
+            f"[1, {limit}], got {rank!r}"
+        )
+    return rank
+
+
+def _check_core(core) -> str:
+    if core not in _CORES:
+        raise ValueError(f"argument 'core' must be one of {_CORES}, got {core!r}")
+    return core
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest k whose k largest singular values hold `energy` of Σσ² (energy in (0, 1])."""
+    if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+        raise ValueError(f"argument 'energy' must be a number in (0, 1], got {energy!r}")
+    power = singular_values.double() ** 2
+    fraction = torch.cumsum(power, 0) / power.sum()
+    # The tolerance keeps energy=1.0 from landing past the end through rounding.
+    return int(torch.searchsorted(fraction, torch.tensor(energy - 1e-12, dtype=fraction.dtype))) + 1
+
+
+def _truncated_svd(
+    weight: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[int | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rank, U, σ, V) of the float64 SVD of the 2-D `weight`, untruncated.
+
+    The rank is `rank` as given (the module's constructor checks it), or the smallest holding
+    `energy` of Σσ², or full rank when neither is given.
+    """
+    if rank is not None and energy is not None:
+        raise ValueError("give at most one of the arguments 'rank' and 'energy'")
+    U, sigma, Vh = linalg.svd(weight.detach().double())
+    if energy is not None:
+        rank = energy_rank(sigma, energy)
+    elif rank is None:
+        rank = sigma.numel()
+    return rank, U, sigma, Vh.mT
+
+
+def factored_size(in_features: int, out_features: int, rank: int, core: str = "diag") -> int:
+    """Numbers in U (out, r), S and V (in, r): r·(in + out) + r ("diag") or + r² ("full")."""
+    return rank * (in_features + out_features) + (rank if _check_core(core) == "diag" else rank**2)
+
+
+def break_even_rank(in_features: int, out_features: int, core: str = "diag") -> int:
+    """The largest rank whose factorization holds no more numbers than the dense out×in W.
+
+    ⌊in·out / (in + out + 1)⌋ for core="diag"; for "full" the largest r with
+    r² + r·(in + out) ≤ in·out. 0 when no factorization is smaller (in or out of 1). Always
+    below min(in, out).
+    """
+    dense = in_features * out_features
+    total = in_features + out_features
+    if _check_core(core) == "diag":
+        return dense // (total + 1)
+    rank = (math.isqrt(total * total + 4 * dense) - total) // 2
+    while factored_size(in_features, out_features, rank + 1, core) <= dense:
+        rank += 1  # isqrt rounds down: step to the exact integer answer
+    while rank and factored_size(in_features, out_features, rank, core) > dense:
+        rank -= 1
+    return rank
+
+
+class LargerThanDenseError(ValueError):
+    """A factorization at the chosen rank would hold more numbers than the dense matrix.
+
+    Raised by `from_linear`, `from_conv2d`, `from_multihead_attention` and `set_weight` without
+    `allow_larger=True`; `lowrank_ext.convert` catches it and keeps that module dense.
+    Attributes: rank, break_even, in_features, out_features, core, and part (the projection
+    of an attention module, "" for a single layer).
+    """
+
+    def __init__(self, message: str, rank, break_even, in_features, out_features, core, part=""):
+        super().__init__(message)
+        self.rank = rank
+        self.break_even = break_even
+        self.in_features = in_features
+        self.out_features = out_features
+        self.core = core
+        self.part = part
+
+    def within(self, part: str, prefix: str) -> LargerThanDenseError:
+        """The same error for the projection `part` of a larger module, message prefixed."""
+        return LargerThanDenseError(
+            f"{prefix}{self}",
+            self.rank,
+            self.break_even,
+            self.in_features,
+            self.out_features,
+            self.core,
+            part,
+        )
+
+
+def _check_allow_larger(allow_larger) -> bool:
+    if not isinstance(allow_larger, bool):
+        raise TypeError(f"argument 'allow_larger' must be a bool, got {allow_larger!r}")
+    return allow_larger
+
+
+def check_size(
+    rank: int,
+    in_features: int,
+    out_features: int,
+    core: str,
+    allow_larger: bool,
+    chosen_by: str,
+) -> None:
+    """LargerThanDenseError unless rank ≤ the break-even rank or `allow_larger`.
+
+    `chosen_by` says where the rank came from, for the message ("rank=…", "energy=…", ...).
+    """
+    if _check_allow_larger(allow_larger):
+        return
+    rank = _check_rank(rank, in_features, out_features)
+    dense = in_features * out_features
+    size = factored_size(in_features, out_features, rank, core)
+    if size <= dense:
+        return
+    even = break_even_rank(in_features, out_features, core)
+    raise LargerThanDenseError(
+        f"rank {rank} ({chosen_by}) holds {size} numbers in U, S, V (core={core!r}), more "
+        f"than the {dense} of the dense {out_features}×{in_features} weight: the break-even "
+        f"rank is {even}; pass allow_larger=True to factorize at rank {rank} anyway",
+        rank,
+        even,
+        in_features,
+        out_features,
+        core,
+    )
+
+
+def chosen_by(rank, energy) -> str:
+    """How the rank of a conversion was chosen, for messages."""
+    if energy is not None:
+        return f"chosen by energy={energy!r}"
+    if rank is not None:
+        return f"rank={rank!r}"
+    return "full rank: neither rank nor energy given, an exact conversion"
+
+
+def factorize(
+    weight: torch.Tensor,
+    rank: int | None,
+    energy: float | None,
+    core: str,
+    allow_larger: bool,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_truncated_svd` of the 2-D `weight` (out, in), its rank checked against the module's
+    limits and the break-even rank (`check_size`); what from_* and set_weight use."""
+    _check_allow_larger(allow_larger)
+    _check_core(core)
+    how = chosen_by(rank, energy)
+    rank, U, sigma, V = _truncated_svd(weight, rank, energy)
+    out_features, in_features = weight.shape
+    check_size(rank, in_features, out_features, core, allow_larger, how)
+    return rank, U, sigma, V
