@@ -136,6 +136,8 @@ def _summary(model: nn.Module, kept_dense) -> ConversionSummary:
             layers = {"": module}
             rank, even = module.rank, _break_even(module)
             dense_class = _DENSE_CLASS.get(type(module).__name__, type(module).__name__)
+            if getattr(module, "dense_kind", None) == "conv1d":
+                dense_class = "Conv1D"  # converted from transformers' Conv1D
         else:
             continue
         after = count_parameters(module)[0]
