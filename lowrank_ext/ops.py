@@ -259,9 +259,9 @@ def project_out(
         normalize: scale each column of Y to unit norm; needs passes ≥ 2 (after one pass, a
             column in span(Q) keeps Q's own rounding error, which no test can tell from a
             component outside span(Q)). A column that is zero or lies in span(Q) to working
-            precision, ‖y‖ ≤ 4·√max(k, 1)·eps·‖x‖ (eps of the dtype; about the rounding error of
-            forming Q a in the dtype), raises a RuntimeError naming it, as does one whose norm
-            is not finite; without normalize NaN/Inf propagate.
+            precision, ‖y‖ ≤ 4·(eps + √max(k, 1)·2⁻⁵²)·‖x‖ (eps of the dtype: the rounding of x
+            and Q; √k·2⁻⁵²: that of this op's float64 sums), raises a RuntimeError naming it, as
+            does one whose norm is not finite; without normalize NaN/Inf propagate.
 
     Returns:
         Y of shape (n, p), X's dtype and device.
