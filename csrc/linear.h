@@ -4,6 +4,7 @@
 // Shared by the CPU and CUDA backends: the argument checks and the kernel signatures.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -32,6 +33,10 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
                                        const at::Tensor& t, const at::Tensor& U,
                                        const at::Tensor& S, const at::Tensor& V,
                                        at::DeviceType backend);
+
+// The op's output_mask argument as an array, after checking its length: the schema says
+// bool[5], but the dispatcher does not enforce a list's length.
+std::array<bool, 5> linear_output_mask(const c10::List<bool>& output_mask);
 
 // Output shape of y: x's leading dims followed by out_features.
 std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features);
@@ -69,14 +74,15 @@ at::Tensor saved_t_cuda(const at::Tensor& x2, const at::Tensor& V);
 // Backward kernels. output_mask selects (grad_x, grad_U, grad_S, grad_V, grad_bias); an output
 // that is not asked for is returned as an empty tensor of shape (0,). grad_x has x's shape.
 // t is the saved x V of shape (batch, r) (dtype saved_t_dtype), or (0,) (then recomputed); it is
-// only read when grad_U or grad_S is asked for.
+// only read when grad_U or grad_S is asked for. The registered kernels (_cpu, _cuda) take the
+// op's output_mask list and check it; the CUDA implementations behind them take the array.
 using LinearGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& t,
                                 const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                std::array<bool, 5> output_mask);
+                                const c10::List<bool>& output_mask);
 LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
-                                 const at::Tensor& V, std::array<bool, 5> output_mask);
+                                 const at::Tensor& V, const c10::List<bool>& output_mask);
 LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                    const at::Tensor& V, std::array<bool, 5> output_mask);

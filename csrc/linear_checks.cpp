@@ -89,10 +89,12 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
               c10::IntArrayRef(expected), " (x's leading dims, out_features), got shape ",
               grad_y.sizes());
   check_same_dtype_and_device(x, grad_y, "grad_y", op);
-  TORCH_CHECK(t.numel() == 0 || (t.dim() == 2 && t.size(0) == sizes.batch && t.size(1) == sizes.rank),
+  // t is absent (shape (0,): recomputed when needed) or the saved x V; nothing else.
+  const bool t_absent = t.dim() == 1 && t.size(0) == 0;
+  TORCH_CHECK(t_absent || (t.dim() == 2 && t.size(0) == sizes.batch && t.size(1) == sizes.rank),
               op, ": argument 't' (the saved x V) must have shape (", sizes.batch, ", ", sizes.rank,
-              "), got shape ", t.sizes());
-  if (t.numel() != 0) {
+              ") or (0,) when it was not saved, got shape ", t.sizes());
+  if (!t_absent) {
     TORCH_CHECK(t.scalar_type() == saved_t_dtype(x.scalar_type()), op,
                 ": argument 't' (the saved x V) has dtype ", t.scalar_type(), " but must be ",
                 saved_t_dtype(x.scalar_type()), " for x of dtype ", x.scalar_type());
@@ -100,6 +102,14 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
                 " but x is on ", x.device());
   }
   return sizes;
+}
+
+std::array<bool, 5> linear_output_mask(const c10::List<bool>& output_mask) {
+  TORCH_CHECK(output_mask.size() == 5, "lowrank_ext.linear_backward: argument 'output_mask' must ",
+              "have 5 entries (grad_x, grad_U, grad_S, grad_V, grad_bias), got ",
+              output_mask.size());
+  return {output_mask.get(0), output_mask.get(1), output_mask.get(2), output_mask.get(3),
+          output_mask.get(4)};
 }
 
 at::ScalarType saved_t_dtype(at::ScalarType x_dtype) {

@@ -198,10 +198,32 @@ def _check_same_device(op, ref_name, ref, **others):
         )
 
 
+def _check_output_mask(op, output_mask, names):
+    torch._check(
+        len(output_mask) == len(names),
+        lambda: (
+            f"{op}: argument 'output_mask' must have {len(names)} entries "
+            f"({', '.join(names)}), got {len(output_mask)}"
+        ),
+    )
+
+
 @torch.library.register_fake("lowrank_ext::linear_backward")
 def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
+    op = "lowrank_ext.linear_backward"
+    _check_output_mask(op, output_mask, ("grad_x", "grad_U", "grad_S", "grad_V", "grad_bias"))
     _check_fake_args(x, U, S, V, None)
-    _check_same_device("lowrank_ext.linear_backward", "x", x, grad_y=grad_y, t=t)
+    _check_same_device(op, "x", x, grad_y=grad_y, t=t)
+    batch = 1
+    for size in x.shape[:-1]:
+        batch = batch * size
+    torch._check(
+        t.shape == (0,) or t.shape == (batch, U.shape[1]),
+        lambda: (
+            f"{op}: argument 't' (the saved x V) must have shape ({batch}, {U.shape[1]}) or (0,) "
+            f"when it was not saved, got {tuple(t.shape)}"
+        ),
+    )
 
     def grad_like(needed, like):
         return like.new_empty(like.shape) if needed else like.new_empty((0,))
@@ -215,6 +237,12 @@ def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
     )
 
 
+# csrc/project_out.h: the most passes a call may ask for (two already reach working precision),
+# and the fewest normalize=True needs.
+MAX_PASSES = 8
+MIN_NORMALIZE_PASSES = 2
+
+
 def project_out(
     Q: torch.Tensor, X: torch.Tensor, passes: int = 2, normalize: bool = False
 ) -> torch.Tensor:
@@ -224,20 +252,32 @@ def project_out(
         Q: (n, k) with orthonormal columns (k may be 0). Orthonormality is assumed, not checked
             (that would cost O(n k²)).
         X: (n, p), same dtype and device as Q.
-        passes: Gram–Schmidt passes; 1 is classical Gram–Schmidt, the default 2 (CGS2) leaves Y
-            orthogonal to span(Q) to working precision even when X is close to span(Q).
-        normalize: scale each column of Y to unit norm. A column that is zero or lies in span(Q)
-            to working precision (‖y‖ ≤ 4·eps·‖x‖, eps of the dtype) raises a RuntimeError naming
-            it, as does one whose norm is not finite; without normalize NaN/Inf propagate.
+        passes: Gram–Schmidt passes, 1 to MAX_PASSES (8); 1 is classical Gram–Schmidt, the
+            default 2 (CGS2) leaves Y orthogonal to span(Q) to working precision even when X is
+            close to span(Q). More passes only help a Q orthonormal to less than working
+            precision.
+        normalize: scale each column of Y to unit norm; needs passes ≥ 2 (after one pass, a
+            column in span(Q) keeps Q's own rounding error, which no test can tell from a
+            component outside span(Q)). A column that is zero or lies in span(Q) to working
+            precision, ‖y‖ ≤ 4·(eps + √max(k, 1)·2⁻⁵²)·‖x‖ (eps of the dtype: the rounding of x
+            and Q; √k·2⁻⁵²: that of this op's float64 sums), raises a RuntimeError naming it, as
+            does one whose norm is not finite; without normalize NaN/Inf propagate.
+
+    Returns:
+        Y of shape (n, p), X's dtype and device.
 
     float32 and float64 only, on CPU and CUDA: every sum is accumulated in float64 and no
     TF32/half-precision matmul is used, whatever torch's precision settings. Under autocast,
     half inputs are computed in float32. Differentiable in Q and X (fused backward).
+
+    Raises:
+        RuntimeError: naming the argument, for a shape, dtype or device that does not fit,
+            passes outside [1, 8] (or 1 with normalize), and the columns normalize refuses.
     """
     return _project_out(Q, X, passes, normalize)
 
 
-def _check_project_out_fake_args(Q, X, passes):
+def _check_project_out_fake_args(Q, X, passes, normalize):
     op = "lowrank_ext.project_out"
     torch._check(X.dim() == 2, lambda: f"{op}: argument 'X' must be 2-D (n, p), got {X.dim()}-D")
     torch._check(Q.dim() == 2, lambda: f"{op}: argument 'Q' must be 2-D (n, k), got {Q.dim()}-D")
@@ -255,18 +295,28 @@ def _check_project_out_fake_args(Q, X, passes):
         Q.shape[0] == X.shape[0],
         lambda: f"{op}: argument 'Q' must be ({X.shape[0]}, k), got {tuple(Q.shape)}",
     )
-    torch._check(passes >= 1, lambda: f"{op}: argument 'passes' must be >= 1, got {passes}")
+    torch._check(
+        1 <= passes <= MAX_PASSES,
+        lambda: f"{op}: argument 'passes' must be in [1, {MAX_PASSES}], got {passes}",
+    )
+    torch._check(
+        not normalize or passes >= MIN_NORMALIZE_PASSES,
+        lambda: (
+            f"{op}: argument 'passes' must be >= {MIN_NORMALIZE_PASSES} with normalize=True, "
+            f"got {passes}"
+        ),
+    )
 
 
 @torch.library.register_fake("lowrank_ext::project_out")
 def _project_out_fake(Q, X, passes=2, normalize=False):
-    _check_project_out_fake_args(Q, X, passes)
+    _check_project_out_fake_args(Q, X, passes, normalize)
     return X.new_empty(X.shape)
 
 
 @torch.library.register_fake("lowrank_ext::project_out_forward")
 def _project_out_forward_fake(Q, X, passes, normalize):
-    _check_project_out_fake_args(Q, X, passes)
+    _check_project_out_fake_args(Q, X, passes, normalize)
     n, p = X.shape
     coeffs = X.new_empty((passes, Q.shape[1], p), dtype=torch.float64)
     norms = X.new_empty((p,) if normalize else (0,), dtype=torch.float64)
@@ -275,10 +325,27 @@ def _project_out_forward_fake(Q, X, passes, normalize):
 
 @torch.library.register_fake("lowrank_ext::project_out_backward")
 def _project_out_backward_fake(grad_Y, Q, X, Y, coeffs, norms, passes, normalize, output_mask):
-    _check_project_out_fake_args(Q, X, passes)
-    _check_same_device(
-        "lowrank_ext.project_out_backward", "X", X, grad_Y=grad_Y, Y=Y, coeffs=coeffs, norms=norms
-    )
+    op = "lowrank_ext.project_out_backward"
+    _check_output_mask(op, output_mask, ("grad_Q", "grad_X"))
+    _check_project_out_fake_args(Q, X, passes, normalize)
+    _check_same_device(op, "X", X, grad_Y=grad_Y, Y=Y, coeffs=coeffs, norms=norms)
+    for name, tensor in (("grad_Y", grad_Y), ("Y", Y)):
+        torch._check(
+            tensor.shape == X.shape,
+            lambda name=name, tensor=tensor: (
+                f"{op}: argument '{name}' has shape {tuple(tensor.shape)} but X has shape "
+                f"{tuple(X.shape)}"
+            ),
+        )
+    expected = {"coeffs": (passes, Q.shape[1], X.shape[1]), "norms": (X.shape[1] * normalize,)}
+    for name, tensor in (("coeffs", coeffs), ("norms", norms)):
+        torch._check(
+            tensor.dtype == torch.float64 and tensor.shape == expected[name],
+            lambda name=name, tensor=tensor: (
+                f"{op}: argument '{name}' must be float64 of shape {expected[name]}, got "
+                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+            ),
+        )
     grad_Q = Q.new_empty(Q.shape) if output_mask[0] else Q.new_empty((0,))
     grad_X = X.new_empty(X.shape) if output_mask[1] else X.new_empty((0,))
     return grad_Q, grad_X

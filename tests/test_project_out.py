@@ -42,6 +42,8 @@ def test_matches_float64_reference(device, dtype, n, k_fraction, p, passes, norm
     k = int(k_fraction * n)
     if normalize and (n == 0 or k == n) and p > 0:
         return  # every column is in span(Q): the refusal has its own test
+    if normalize and passes == 1:
+        return  # refused (normalize needs two passes): tests/test_op_limits.py
     Q = orthonormal(n, k, dtype=dtype, device=device)
     # Non-contiguous X half the time: the kernels must read strides correctly.
     X = (
@@ -65,15 +67,16 @@ def test_near_span_accuracy_float32(device):
     X64 = Q @ (inside / inside.norm(dim=0)) + 1e-6 * outside  # ‖x‖ ≈ 1, distance 1e-6
     Q32, X32 = Q.float().to(device), X64.float().to(device)
 
-    def leakage(passes):
-        Y = lowrank_ext.project_out(Q32, X32, passes=passes, normalize=True).double().cpu()
-        torch.testing.assert_close(Y.norm(dim=0), torch.ones(p, dtype=torch.float64))
+    def leakage(passes, normalize=True):
+        Y = lowrank_ext.project_out(Q32, X32, passes=passes, normalize=normalize).double().cpu()
+        if normalize:
+            torch.testing.assert_close(Y.norm(dim=0), torch.ones(p, dtype=torch.float64))
         return ((Q32.double().cpu().T @ Y).abs().max(0).values / Y.norm(dim=0)).max().item()
 
     assert leakage(2) <= 2e-7
     # One classical Gram–Schmidt pass leaves most of the rounding error of the first
-    # subtraction in span(Q); the second pass is what removes it.
-    assert leakage(1) > 1e-3
+    # subtraction in span(Q); the second pass is what removes it (and normalize needs it).
+    assert leakage(1, normalize=False) > 1e-3
 
 
 def test_result_ignores_reduced_precision_matmul_settings():
@@ -101,8 +104,9 @@ def test_bitwise_identical_for_any_thread_count():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("passes", [1, 2, 3])
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(
+    "passes, normalize", [(1, False), (2, False), (3, False), (2, True), (3, True)]
+)
 def test_gradcheck_every_subset(device, passes, normalize):
     Q, X = orthonormal(7, 3, device=device), random(7, 2, device=device)
     for wanted in ([True, False], [False, True], [True, True]):
@@ -129,7 +133,7 @@ def test_gradgradcheck(device, normalize):
 def test_opcheck(device, normalize):
     Q = orthonormal(9, 3, device=device).requires_grad_()
     X = random(9, 2, device=device).requires_grad_()
-    for passes in (1, 2):
+    for passes in (2, 3) if normalize else (1, 2):
         opcheck(torch.ops.lowrank_ext.project_out_forward, (Q, X, passes, normalize))
         opcheck(torch.ops.lowrank_ext.project_out, (Q, X, passes, normalize))
         Y, coeffs, norms = torch.ops.lowrank_ext.project_out_forward(
@@ -229,7 +233,7 @@ def test_non_finite_column():
         (torch.eye(4)[:, :2], torch.ones(5, 1), 2, r"argument 'Q' has shape \[4, 2\]"),
         (torch.eye(4)[:, :2].half(), torch.ones(4, 1).half(), 2, "argument 'X' has dtype Half"),
         (torch.eye(4)[:, :2], torch.ones(4, 1).double(), 2, "argument 'Q' has dtype Float"),
-        (torch.eye(4)[:, :2], torch.ones(4, 1), 0, "argument 'passes' must be >= 1"),
+        (torch.eye(4)[:, :2], torch.ones(4, 1), 0, r"argument 'passes' must be in \[1, 8\]"),
     ],
 )
 def test_bad_input_names_the_argument(Q, X, passes, match):

@@ -396,10 +396,10 @@ def test_state_dict_kinds():
     state = model.state_dict()
     report = spectral.analyze({"model": state, "optimizer": {"state": {0: torch.randn(5, 5)}}})
     names = [row.name for row in report]
-    assert names == [
-        "model.2",
+    assert names == [  # the state_dict's order, the factored layer included
         "model.0",
         "model.1",
+        "model.2",
         "model.3.q_proj",
         "model.3.k_proj",
         "model.3.v_proj",
@@ -459,7 +459,11 @@ def test_markdown_table(report):
     assert len({len(line) for line in lines}) == 1  # padded columns
     cells = [cell.strip() for cell in lines[4].strip("|").split("|")]
     assert cells[0] == "2" and cells[3] == "24×24" and cells[8] == "3" and cells[-1] == "yes (88%)"
-    assert "inf" in lines[3]  # the factored layer's condition number
+    # The factored layer (rank 4 of 24×32): σ_min and cond over its 4 values, not the zeros.
+    factored = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert float(factored[6]) == pytest.approx(report[1].singular_values[3].item(), rel=1e-3)
+    assert float(factored[7]) == pytest.approx(report[1].condition_number, rel=1e-3)
+    assert math.isfinite(report[1].condition_number) and factored[-1] == "no (0%)"
     assert "1 collapsed: 2" in report.summary()
 
 
@@ -475,7 +479,8 @@ def test_json_round_trip(report):
         assert parsed["name"] == row.name and parsed["shape"] == list(row.shape)
         assert parsed["hard_rank"] == row.hard_rank and parsed["sigma_max"] == row.sigma_max
         assert parsed["singular_values"] == row.singular_values.tolist()
-    assert document["layers"][1]["condition_number"] is None  # inf is not JSON
+    zero = json.loads(spectral.analyze(torch.zeros(3, 3)).to_json())
+    assert zero["layers"][0]["condition_number"] is None  # inf is not JSON
     assert "singular_values" not in json.loads(report.to_json())["layers"][0]
 
 
@@ -484,7 +489,10 @@ def test_csv_round_trip(report):
     assert [r["name"] for r in rows] == ["0", "1", "2"]
     assert rows[2]["shape"] == "24x24" and int(rows[2]["hard_rank"]) == 3
     assert float(rows[0]["stable_rank"]) == report[0].stable_rank
-    assert rows[2]["collapsed"] == "True" and float(rows[1]["condition_number"]) == math.inf
+    assert rows[2]["collapsed"] == "True"
+    assert float(rows[1]["condition_number"]) == report[1].condition_number  # factored: finite
+    zero = next(csv.DictReader(io.StringIO(spectral.analyze(torch.zeros(3, 3)).to_csv())))
+    assert float(zero["condition_number"]) == math.inf
 
 
 def test_suggest_ranks_feeds_from_linear(report):

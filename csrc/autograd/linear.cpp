@@ -28,7 +28,7 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&, bool);
 using BackwardOp = LinearGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               std::array<bool, 5>);
+                               const c10::List<bool>&);
 using LinearOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const std::optional<at::Tensor>&);
 
@@ -105,7 +105,8 @@ struct LinearFunction : torch::autograd::Function<LinearFunction> {
     }
     static const auto op = find_op<BackwardOp>("lowrank_ext::linear_backward");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dU, dS, dV, db] = op.call(dy, x, t, U, S, V, mask);
+    auto [dx, dU, dS, dV, db] =
+        op.call(dy, x, t, U, S, V, c10::List<bool>({mask[0], mask[1], mask[2], mask[3], mask[4]}));
     const at::Tensor computed[5] = {dx, dU, dS, dV, db};
     for (int i = 0; i < 5; ++i)
       if (mask[i]) grads[i] = computed[i];

@@ -18,7 +18,7 @@ using torch::autograd::variable_list;
 using ForwardOp = ProjectOutResult(const at::Tensor&, const at::Tensor&, int64_t, bool);
 using BackwardOp = ProjectOutGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   int64_t, bool, std::array<bool, 2>);
+                                   int64_t, bool, const c10::List<bool>&);
 using ProjectOutOp = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool);
 
 template <typename Signature>
@@ -70,7 +70,8 @@ struct ProjectOutFunction : torch::autograd::Function<ProjectOutFunction> {
     }
     static const auto op = find_op<BackwardOp>("lowrank_ext::project_out_backward");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dQ, dX] = op.call(dY, Q, X, Y, saved[3], saved[4], passes, normalize, mask);
+    auto [dQ, dX] = op.call(dY, Q, X, Y, saved[3], saved[4], passes, normalize,
+                            c10::List<bool>({mask[0], mask[1]}));
     if (mask[0]) grads[0] = dQ;
     if (mask[1]) grads[1] = dX;
     return grads;

@@ -312,10 +312,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor
 
 LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& t,
                                 const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                                std::array<bool, 5> output_mask) {
+                                const c10::List<bool>& output_mask) {
+  const auto [need_dx, need_dU, need_dS, need_dV, need_db] = linear_output_mask(output_mask);
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCPU);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto [need_dx, need_dU, need_dS, need_dV, need_db] = output_mask;
   const bool recompute_t = (need_dU || need_dS) && t.numel() == 0;
   const bool need_x = need_dV || recompute_t;
   const auto opts = x.options();

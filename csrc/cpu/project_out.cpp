@@ -168,7 +168,7 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 
 ProjectOutResult project_out_forward_cpu(const at::Tensor& Q, const at::Tensor& X, int64_t passes,
                                          bool normalize) {
-  const ProjectOutSizes sz = check_project_out_args(Q, X, passes, at::kCPU);
+  const ProjectOutSizes sz = check_project_out_args(Q, X, passes, normalize, at::kCPU);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns;
   const at::Tensor Qc = Q.contiguous(), Xc = X.contiguous();
@@ -190,7 +190,7 @@ ProjectOutResult project_out_forward_cpu(const at::Tensor& Q, const at::Tensor& 
     }
     if (normalize) {
       const std::vector<double> x_sq = rows.column_dots(x, x), y_sq = rows.column_dots(y, y);
-      check_normalizable(x_sq.data(), y_sq.data(), p, std::numeric_limits<scalar_t>::epsilon());
+      check_normalizable(x_sq.data(), y_sq.data(), p, k, std::numeric_limits<scalar_t>::epsilon());
       double* norm = norms.mutable_data_ptr<double>();
       for (int64_t j = 0; j < p; ++j) norm[j] = std::sqrt(y_sq[j]);
       rows.scale_columns(y, nullptr, nullptr, norm, y);
@@ -203,12 +203,12 @@ ProjectOutGrads project_out_backward_cpu(const at::Tensor& grad_Y, const at::Ten
                                          const at::Tensor& X, const at::Tensor& Y,
                                          const at::Tensor& coeffs, const at::Tensor& norms,
                                          int64_t passes, bool normalize,
-                                         std::array<bool, 2> output_mask) {
+                                         const c10::List<bool>& output_mask) {
+  const auto [need_dQ, need_dX] = project_out_output_mask(output_mask);
   const ProjectOutSizes sz = check_project_out_backward_args(grad_Y, Q, X, Y, coeffs, norms,
                                                              passes, normalize, at::kCPU);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns, np = n * p, kp = k * p;
-  const bool need_dQ = output_mask[0], need_dX = output_mask[1];
   at::Tensor dQ = need_dQ ? at::empty({n, k}, Q.options()) : empty_grad(Q);
   at::Tensor dX = need_dX ? at::empty({n, p}, X.options()) : empty_grad(X);
   if (!need_dQ && !need_dX) return {dQ, dX};

@@ -18,10 +18,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
 
 LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
-                                 const at::Tensor& V, std::array<bool, 5> output_mask) {
+                                 const at::Tensor& V, const c10::List<bool>& output_mask) {
+  const std::array<bool, 5> mask = linear_output_mask(output_mask);
   return cuda_kernels() == CudaKernels::kFused
-             ? linear_backward_fused(grad_y, x, t, U, S, V, output_mask)
-             : linear_backward_cublas(grad_y, x, t, U, S, V, output_mask);
+             ? linear_backward_fused(grad_y, x, t, U, S, V, mask)
+             : linear_backward_cublas(grad_y, x, t, U, S, V, mask);
 }
 
 namespace {

@@ -237,8 +237,9 @@ bool capturing() {
 }
 
 // The CUDA counterpart of check_normalizable (project_out.h): the same test on device tensors.
-void assert_normalizable(const at::Tensor& x_sq, const at::Tensor& y_sq, double eps) {
-  const double tol = kSpanTolerance * eps;
+void assert_normalizable(const at::Tensor& x_sq, const at::Tensor& y_sq, int64_t basis,
+                         double eps) {
+  const double tol = span_tolerance(basis, eps);
   const at::Tensor ok = (at::isfinite(x_sq) & at::isfinite(y_sq) & (y_sq > x_sq * (tol * tol)))
                             .all();
   at::_assert_async(ok,
@@ -247,13 +248,23 @@ void assert_normalizable(const at::Tensor& x_sq, const at::Tensor& y_sq, double 
                     "(run the same call on the CPU to see which column)");
 }
 
+// The CUDA counterpart of the CPU check of norms (check_project_out_backward_args): each > 0 and
+// finite, tested on the device without synchronizing.
+void assert_positive_norms(const at::Tensor& norms) {
+  const at::Tensor ok = ((norms > 0) & at::isfinite(norms)).all();
+  at::_assert_async(ok,
+                    "lowrank_ext.project_out_backward: an entry of argument 'norms' is <= 0 or "
+                    "not finite; the norms of the forward's columns before normalization are > 0 "
+                    "and finite (pass the norms project_out_forward returned)");
+}
+
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 }  // namespace
 
 ProjectOutResult project_out_forward_cuda(const at::Tensor& Q, const at::Tensor& X,
                                           int64_t passes, bool normalize) {
-  const ProjectOutSizes sz = check_project_out_args(Q, X, passes, at::kCUDA);
+  const ProjectOutSizes sz = check_project_out_args(Q, X, passes, normalize, at::kCUDA);
   const c10::cuda::CUDAGuard guard(X.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls below are internal
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns, kp = k * p;
@@ -276,7 +287,7 @@ ProjectOutResult project_out_forward_cuda(const at::Tensor& Q, const at::Tensor&
     if (normalize) {
       const at::Tensor y_sq = launch.column_dots(y, y);
       if (!capturing() && p > 0) {
-        assert_normalizable(launch.column_dots(x, x), y_sq,
+        assert_normalizable(launch.column_dots(x, x), y_sq, k,
                             std::numeric_limits<scalar_t>::epsilon());
       }
       norms.copy_(y_sq.sqrt());
@@ -290,13 +301,13 @@ ProjectOutGrads project_out_backward_cuda(const at::Tensor& grad_Y, const at::Te
                                           const at::Tensor& X, const at::Tensor& Y,
                                           const at::Tensor& coeffs, const at::Tensor& norms,
                                           int64_t passes, bool normalize,
-                                          std::array<bool, 2> output_mask) {
+                                          const c10::List<bool>& output_mask) {
+  const auto [need_dQ, need_dX] = project_out_output_mask(output_mask);
   const ProjectOutSizes sz = check_project_out_backward_args(grad_Y, Q, X, Y, coeffs, norms,
                                                              passes, normalize, at::kCUDA);
   const c10::cuda::CUDAGuard guard(X.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns, np = n * p, kp = k * p;
-  const bool need_dQ = output_mask[0], need_dX = output_mask[1];
   at::Tensor dQ = need_dQ ? at::empty({n, k}, Q.options()) : empty_grad(Q);
   at::Tensor dX = need_dX ? at::empty({n, p}, X.options()) : empty_grad(X);
   if (!need_dQ && !need_dX) return {dQ, dX};
@@ -318,6 +329,7 @@ ProjectOutGrads project_out_backward_cuda(const at::Tensor& grad_Y, const at::Te
 
     const scalar_t* g = Gc.const_data_ptr<scalar_t>();
     if (normalize) {
+      if (!capturing() && p > 0) assert_positive_norms(Nc);
       const scalar_t* z = Zc.const_data_ptr<scalar_t>();
       const at::Tensor s = launch.column_dots(z, g);
       launch.scale_columns(g, z, s.const_data_ptr<double>(), Nc.const_data_ptr<double>(),

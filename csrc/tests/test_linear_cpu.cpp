@@ -93,12 +93,13 @@ void check(int64_t B, int64_t n, int64_t m, int64_t r, bool full_core, at::Scala
                              .findSchemaOrThrow("lowrank_ext::linear_backward", "")
                              .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          std::array<bool, 5>)>();
+                                          const c10::List<bool>&)>();
   auto cast = [&](const at::Tensor& t) { return t.to(dtype); };
   auto [y, t] = forward.call(cast(x), cast(U), cast(S), cast(V), cast(bias), true);
   expect_close(y, naive_forward(x, U, S, V, bias), "forward y");
   expect_close(t, at::mm(x, V), "forward t");
-  auto got = backward.call(cast(dy), cast(x), t, cast(U), cast(S), cast(V), {true, true, true, true, true});
+  auto got = backward.call(cast(dy), cast(x), t, cast(U), cast(S), cast(V),
+                           c10::List<bool>({true, true, true, true, true}));
   auto want = naive_backward(dy, x, U, S, V);
   expect_close(std::get<0>(got), std::get<0>(want), "grad_x");
   expect_close(std::get<1>(got), std::get<1>(want), "grad_U");

@@ -70,7 +70,7 @@ int main() {
   for (auto dtype : {at::kDouble, at::kFloat})
     for (bool normalize : {false, true}) {
       check(1, 0, 1, 2, normalize, dtype);     // empty basis
-      check(9, 4, 1, 1, normalize, dtype);     // one classical pass
+      check(9, 4, 1, normalize ? 2 : 1, normalize, dtype);  // one classical pass (normalize: 2)
       check(37, 11, 3, 2, normalize, dtype);   // odd sizes, CGS2
       check(300, 20, 2, 3, normalize, dtype);  // several row chunks
     }

@@ -108,18 +108,23 @@ def _state_dict_layers(state_dict: Mapping) -> Iterator[_Layer]:
         for key, value in _flatten(state_dict).items()
         if torch.is_tensor(value) and value.is_floating_point()
     }
-    factored = set()
-    for key in list(tensors):
-        if not (key == "U" or key.endswith(".U")):
-            continue
-        prefix = key[:-1]
-        triple = [tensors.get(prefix + letter) for letter in "USV"]
-        if any(t is None for t in triple):
-            continue
-        factored.update(prefix + letter for letter in "USV")
-        yield _Layer(prefix.rstrip(".") or "W", "factored", _Factored(*triple))
+    # Rows in the state_dict's order; a factored layer where the first of its U, S, V is.
+    factored = {}
+    for key in tensors:
+        if key == "U" or key.endswith(".U"):
+            prefix = key[:-1]
+            if all(prefix + letter in tensors for letter in "USV"):
+                factored.update((prefix + letter, prefix) for letter in "USV")
+    emitted = set()
     for key, tensor in tensors.items():
-        if key in factored or tensor.dim() < 2:
+        prefix = factored.get(key)
+        if prefix is not None:
+            if prefix not in emitted:
+                emitted.add(prefix)
+                triple = [tensors[prefix + letter] for letter in "USV"]
+                yield _Layer(prefix.rstrip(".") or "W", "factored", _Factored(*triple))
+            continue
+        if tensor.dim() < 2:
             continue
         name = key.removesuffix(".weight")
         if key.endswith("in_proj_weight") and tensor.shape[0] == 3 * tensor.shape[1]:

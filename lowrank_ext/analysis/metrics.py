@@ -170,7 +170,7 @@ def _spectrum(
     layer: _Layer,
     *,
     rtol: float,
-    atol: float | None,
+    atol: float,
     collapse_fraction: float,
     svd_dtype: torch.dtype,
     device: torch.device | None,
@@ -181,12 +181,14 @@ def _spectrum(
     weight_dtypes = sorted(
         {t.dtype for t in _operator_tensors(layer.operator)}, key=lambda d: -torch.finfo(d).eps
     )
-    sigma_max, sigma_min = float(sigma[0]), float(sigma[-1])
+    full_rank = sigma.numel() if factored_rank is None else min(sigma.numel(), factored_rank)
+    # σ_min and the condition number over the values the layer can hold (a factored layer's
+    # other min(N, M) − r singular values are zero by construction, not by collapse).
+    sigma_max, sigma_min = float(sigma[0]), float(sigma[full_rank - 1])
     power = float((sigma**2).sum())
     frobenius = math.sqrt(power)
     numerical_tol = _numerical_tol(sigma_max, frobenius, shape, [weight_dtypes[0], svd_dtype])
-    hard_tol = max(atol if atol is not None else rtol * sigma_max, numerical_tol)
-    full_rank = sigma.numel() if factored_rank is None else min(sigma.numel(), factored_rank)
+    hard_tol = max(rtol * sigma_max, atol, numerical_tol)
     hard_rank = int((sigma > hard_tol).sum())
     collapsed_fraction = 1.0 - min(hard_rank, full_rank) / full_rank
     long_side, short_side = max(shape), min(shape)

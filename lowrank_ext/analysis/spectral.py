@@ -37,7 +37,11 @@ How
 
 Definitions, for W of shape N×M with singular values σ₁ ≥ … ≥ σ_p, p = min(N, M):
     aspect_ratio   Q = max(N, M) / min(N, M) ≥ 1.
-    sigma_max      σ₁;  sigma_min  σ_p;  condition_number σ₁/σ_p (inf when σ_p = 0).
+    full_rank      the rank the layer can hold: p, or r for a factored layer of rank r.
+    sigma_max      σ₁;  sigma_min  σ_f, the smallest of the full_rank values (σ_p, or σ_r for a
+                   factored layer: its other p − r values are zero by construction, and a
+                   collapse is judged over the r it holds); condition_number σ₁/σ_f (inf when
+                   σ_f = 0).
     frobenius_norm ‖W‖_F = √(Σσᵢ²).
     numerical_tol  dtype-aware noise floor, eps the machine epsilon of the weight's own dtype
                    (of the SVD dtype if that is coarser):
@@ -48,10 +52,11 @@ Definitions, for W of shape N×M with singular values σ₁ ≥ … ≥ σ_p, p 
                    eps · ‖W‖_F ≤ σ₁ · √p · eps. (numpy's rule exceeds σ₁ in half
                    precision at common sizes: bfloat16 at 2048 gives 2048 · 2⁻⁷ · σ₁ = 16 σ₁.)
     numerical_rank #{σᵢ > numerical_tol}.
-    hard_tol       max(rtol · σ₁, numerical_tol), or max(atol, numerical_tol) when atol is given:
-                   a singular value under the dtype's noise floor never counts as rank.
+    hard_tol       max(rtol · σ₁, atol, numerical_tol), a missing rtol or atol counting as 0
+                   (rtol is 1e-3 when neither is given; both given: the larger tolerance wins,
+                   scipy.linalg.pinv's rule): a singular value under the dtype's noise floor
+                   never counts as rank.
     hard_rank      #{σᵢ > hard_tol}.
-    full_rank      the rank the layer can hold: p, or r for a factored layer of rank r.
     collapsed_fraction  #{i ≤ full_rank : σᵢ ≤ hard_tol} / full_rank = 1 − hard_rank/full_rank.
     collapsed      collapsed_fraction > collapse_fraction (default 0.1: more than 10 % of the
                    layer's singular values are ≈ 0 relative to σ₁). collapse_fraction=0 is the
@@ -99,10 +104,13 @@ __all__ = [
 ]
 
 
+DEFAULT_RTOL = 1e-3
+
+
 def analyze(
     obj: nn.Module | Mapping | torch.Tensor,
     *,
-    rtol: float = 1e-3,
+    rtol: float | None = None,
     atol: float | None = None,
     collapse_fraction: float = 0.1,
     svd_dtype: torch.dtype = torch.float64,
@@ -115,9 +123,11 @@ def analyze(
         obj: an nn.Module, a state_dict (nested mappings are flattened with dotted names) or one
             tensor with ≥ 2 dims (more than 2: a conv kernel, reshaped to (d0, d1·k…)).
         rtol: relative tolerance of the hard rank and the collapse flag, in [0, 1):
-            σ ≤ max(rtol · σ_max, numerical_tol) counts as zero. Default 1e-3.
-        atol: absolute tolerance (≥ 0) used instead of rtol when given (the blog used 1e-3).
-            Unlike rtol, its verdict changes when a layer is rescaled.
+            σ ≤ max(rtol · σ_max, numerical_tol) counts as zero. Default 1e-3 when atol is not
+            given either, else none (0).
+        atol: absolute tolerance (≥ 0; the blog used 1e-3): σ ≤ max(atol, numerical_tol)
+            counts as zero. Unlike rtol, its verdict changes when a layer is rescaled. With
+            both, the larger tolerance applies: max(rtol · σ_max, atol, numerical_tol).
         collapse_fraction: a layer is collapsed when more than this fraction of its full_rank
             singular values are zero by the hard tolerance, in [0, 1). Default 0.1.
         svd_dtype: torch.float64 (default) or torch.float32 (faster on GPU); never half.
@@ -126,7 +136,10 @@ def analyze(
 
     Returns a SpectralReport; the formulas of every field are in the module docstring.
     """
-    _check_real("rtol", rtol, low=0.0, high=1.0, high_open=True)
+    if rtol is None and atol is None:
+        rtol = DEFAULT_RTOL
+    if rtol is not None:
+        _check_real("rtol", rtol, low=0.0, high=1.0, high_open=True)
     if atol is not None:
         _check_real("atol", atol, low=0.0, high=math.inf, high_open=True)
     _check_real("collapse_fraction", collapse_fraction, low=0.0, high=1.0, high_open=True)
@@ -137,8 +150,8 @@ def analyze(
         )
     device = None if device is None else torch.device(device)
     settings = dict(
-        rtol=rtol,
-        atol=atol,
+        rtol=rtol or 0.0,
+        atol=atol or 0.0,
         collapse_fraction=collapse_fraction,
         svd_dtype=svd_dtype,
         device=device,

@@ -51,6 +51,11 @@ def _relative(row: LayerSpectrum) -> torch.Tensor:
     return (row.singular_values / scale).clamp(min=RELATIVE_FLOOR)
 
 
+def _relative_sigma_min(row: LayerSpectrum) -> float:
+    scale = row.sigma_max if row.sigma_max > 0 else 1.0
+    return max(row.sigma_min / scale, RELATIVE_FLOOR)
+
+
 def plot_sigma_min_histogram(
     reports: SpectralReport | Mapping[str, SpectralReport],
     path,
@@ -60,12 +65,13 @@ def plot_sigma_min_histogram(
 ) -> Path:
     """Histogram of σ_min across layers (the blog's figure), one colour per labelled report.
 
+    σ_min is the row's (of a factored layer of rank r: σ_r, see `LayerSpectrum`).
     relative=True (default) bins σ_min/σ_max on a log axis, values ≤ RELATIVE_FLOOR (exact zeros
-    of factored layers included) drawn at the floor; relative=False bins σ_min itself, linearly.
+    included) drawn at the floor; relative=False bins σ_min itself, linearly.
     """
     labelled = _labelled(reports)
     values = {
-        label: [float(_relative(row)[-1]) if relative else row.sigma_min for row in report]
+        label: [_relative_sigma_min(row) if relative else row.sigma_min for row in report]
         for label, report in labelled.items()
     }
     everything = [v for vs in values.values() for v in vs]
@@ -79,9 +85,7 @@ def plot_sigma_min_histogram(
     axes.hist(list(values.values()), bins=edges, label=list(values), stacked=False)
     if relative:
         axes.set_xscale("log")
-        axes.set_xlabel(
-            f"σ_min / σ_max  (≤ {RELATIVE_FLOOR:g}, exact zeros included, at the floor)"
-        )
+        axes.set_xlabel(f"σ_min / σ_max  (≤ {RELATIVE_FLOOR:g}, zeros included, at the floor)")
     else:
         axes.set_xlabel("σ_min")
     axes.set_ylabel("layers")
