@@ -11,11 +11,11 @@ from .attention import LowRankMultiheadAttention
 from .conv import LowRankConv2d
 from .convert import convert, merge, ranks
 from .dense_weight import DenseView
-from .factored import FactoredModule, energy_rank
+from .factored import FactoredModule
 from .linear import LowRankLinear
 from .plain import to_plain
 from .summary import ConversionSummary, ModuleSummary, conversion_summary, count_parameters
-from .truncation import LargerThanDenseError, break_even_rank, factored_size
+from .truncation import LargerThanDenseError, break_even_rank, energy_rank, factored_size
 
 __all__ = [
     "ConversionSummary",

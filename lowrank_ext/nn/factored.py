@@ -24,9 +24,7 @@ from . import checkpoint
 from .checkpoint import FACTORS as _FACTORS  # noqa: F401 (training.growth imports both)
 from .checkpoint import FROZEN as _FROZEN
 from .dense_weight import DenseWeight
-
-# Moved to truncation.py; energy_rank and _truncated_svd stay importable from here.
-from .truncation import _CORES, _check_rank, _truncated_svd, energy_rank  # noqa: F401
+from .truncation import _CORES, _check_rank
 
 
 def _check_features(name: str, value) -> int:
