@@ -100,7 +100,8 @@ from .metrics import (
     _spectrum,
     marchenko_pastur_density,
 )
-from .report import SpectralReport, suggest_ranks
+from .report import SpectralReport
+from .suggest import suggest_ranks
 
 __all__ = [
     "LayerSpectrum",
