@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lowrank_ext
 from lowrank_ext import (
     OIALR,
     LowRankConv2d,
@@ -239,7 +240,7 @@ def _low_rank_layers(model):
     return [m for m in model.modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
 
 
-def test_a_model_grown_until_every_layer_is_frozen(tmp_path):
+def test_a_model_grown_until_every_layer_is_frozen(tmp_path, capsys):
     """grow_model until every layer is at full rank (conv 4, in_proj and out_proj 8, fc 6;
     those that get there first are frozen, scales frozen or not), then the rest frozen: at
     every step each layer is one row, from the module and from its files."""
@@ -268,6 +269,14 @@ def test_a_model_grown_until_every_layer_is_frozen(tmp_path):
             for layer in _low_rank_layers(model):
                 if layer.active_rank:
                     layer.freeze()
+    # The folder save_pretrained writes, through the CLI (model.safetensors inside).
+    lowrank_ext.save_pretrained(model, tmp_path / "saved")
+    assert cli.main(["analyze", str(tmp_path / "saved"), "--format", "json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["layers"]}
+    assert sorted(rows) == sorted(expected)
+    for name, true in expected.items():
+        assert rows[name]["sigma_max"] == pytest.approx(float(true[0]), rel=1e-9)
+        assert rows[name]["hard_rank"] == int((true > RTOL * true[0]).sum())
     layers = _low_rank_layers(model)
     assert [layer.frozen_rank for layer in layers] == [4, 8, 8, 6]
     assert [layer.active_rank for layer in layers] == [0, 0, 0, 0]
