@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import requires_cuda
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -347,3 +348,33 @@ def test_frozen_buffers_without_u_frozen_are_refused_not_read_as_matrices():
     state_dict = {"fc.U": layer.U, "fc.S": layer.S, "fc.V": layer.V, "fc.V_frozen": layer.V}
     with pytest.raises(ValueError, match=r"layer 'fc': U, S, V, V_frozen of shapes"):
         spectral.analyze(state_dict)
+
+
+def _check_on(device: str) -> None:
+    """The frozen and active parts composed on `device` (project_out's kernel there), in the
+    SVD's float64 and float32: for a CPU module with device=..., then for a module moved there."""
+    layer = _linear()
+    _grown_three_times(layer)
+    true = _truth(layer)
+    tolerances = ((torch.float64, 1e-9), (torch.float32, 1e-5))
+    for svd_dtype, tolerance in tolerances:
+        row = spectral.analyze(layer, svd_dtype=svd_dtype, device=device)[0]
+        torch.testing.assert_close(
+            row.singular_values, true, rtol=tolerance, atol=tolerance * float(true[0])
+        )
+    moved = nn.ModuleDict({"layer": layer}).to(device)
+    for svd_dtype, tolerance in tolerances:
+        row = spectral.analyze(moved, svd_dtype=svd_dtype)["layer"]
+        torch.testing.assert_close(
+            row.singular_values, true, rtol=tolerance, atol=tolerance * float(true[0])
+        )
+
+
+def test_svd_dtype_and_device_arguments():
+    _check_on("cpu")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_grown_layers_on_cuda():
+    _check_on("cuda")
