@@ -227,10 +227,9 @@ def _read_only(model: nn.Module):
 
 def _operator_shape(operator: _Dense | _Factored) -> tuple[int, int]:
     if isinstance(operator, _Factored):
-        parts = operator.parts
-        return parts.get("U_frozen", parts.get("U")).shape[0], parts.get(
-            "V_frozen", parts.get("V")
-        ).shape[0]
+        parts = operator.parts  # checked: U_frozen and V_frozen, or U and V
+        U, V = parts.get("U_frozen", parts.get("U")), parts.get("V_frozen", parts.get("V"))
+        return U.shape[0], V.shape[0]
     groups, rows, cols = operator.blocks.shape
     return groups * rows, groups * cols
 
