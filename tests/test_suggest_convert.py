@@ -256,6 +256,11 @@ def test_report_rows_of_an_attention_are_not_convert_keys():
     ):
         lowrank_ext.convert(model, rank_pattern=spectral.suggest_ranks(report))
     assert isinstance(model.attn, nn.MultiheadAttention)  # refused: the model is unchanged
+    # As targets: q/k/v_proj are no modules; out_proj is one, converted with its attention only.
+    with pytest.raises(ValueError, match="'attn.q_proj' matches no module"):
+        lowrank_ext.convert(model, rank=2, target_modules=["attn.q_proj"])
+    with pytest.raises(ValueError, match="'attn.out_proj' is part of the nn.MultiheadAttention"):
+        lowrank_ext.convert(model, rank=2, target_modules=["attn.out_proj"])
     assert list(spectral.suggest_ranks(model)) == ["attn", "cross", "fc"]
 
 
