@@ -512,7 +512,7 @@ def test_suggest_ranks_feeds_from_linear(report):
     assert spectral.suggest_ranks(spectral.analyze(torch.zeros(3, 3)))["W"] == 1
     with pytest.raises(ValueError, match="'energy'"):
         spectral.suggest_ranks(report, energy=0.0)
-    with pytest.raises(TypeError, match="'report'"):
+    with pytest.raises(TypeError, match="'obj'"):
         spectral.suggest_ranks([report])
 
 

@@ -3,8 +3,10 @@
 docstring).
 
 Each matrix becomes a `_Layer`: a name, a kind and an operator, either `_Dense` (one matrix, or
-the blocks of a grouped convolution) or `_Factored` (U, S, V of W = U S Vᵀ, never multiplied
-out).
+the blocks of a grouped convolution) or `_Factored` (the tensors a factored layer stores, never
+multiplied out). A factored layer is read as the module's own tensors or the state dict's
+(U, S, V and, after rank growth, U_frozen, V_frozen, S_frozen: `lowrank_ext.nn.checkpoint`), and
+`effective_factors` turns either into the U, S, V of W = U S Vᵀ that forward uses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..nn.checkpoint import FACTORS, FROZEN, effective_factors
+from ..nn.factored import FactoredModule
 from ..nn.hf_conv1d import conv1d_class
 
 
@@ -26,9 +30,9 @@ class _Dense(NamedTuple):
 
 
 class _Factored(NamedTuple):
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
+    # The stored tensors by name, absent ones left out: U, S, V, and U_frozen, V_frozen,
+    # S_frozen for a grown layer (the layout of lowrank_ext.nn.checkpoint).
+    parts: dict[str, torch.Tensor]
 
 
 class _Layer(NamedTuple):
@@ -42,12 +46,69 @@ def _dense(matrix: torch.Tensor, groups: int = 1) -> _Dense:
 
 
 def _factors_of(module: nn.Module) -> _Factored | None:
-    U, S, V = (getattr(module, name, None) for name in ("U", "S", "V"))
-    if not all(torch.is_tensor(t) for t in (U, S, V)):
+    """The factored layer a module holds: a FactoredModule's tensors whatever its growth state
+    (U may be None: frozen at full rank), or 2-D U, V and an S (r,) or (r, r) of another
+    module shaped like one; None otherwise."""
+    if isinstance(module, FactoredModule):
+        return _Factored(_present(module, FACTORS + FROZEN))
+    parts = _present(module, FACTORS)
+    if len(parts) < 3 or parts["U"].dim() != 2 or parts["V"].dim() != 2:
         return None
-    if U.dim() != 2 or V.dim() != 2 or S.dim() not in (1, 2):
+    return _Factored(parts) if parts["S"].dim() in (1, 2) else None
+
+
+def _present(module: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    tensors = {name: getattr(module, name, None) for name in names}
+    return {name: tensor for name, tensor in tensors.items() if torch.is_tensor(tensor)}
+
+
+def _check_factors(name: str, parts: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the layer unless `parts` form a layout: plain U (N, r), S (r,) or
+    (r, r), V (M, r) with r ≥ 1, or grown (lowrank_ext.nn.checkpoint's layout)."""
+    shapes = {key: tuple(tensor.shape) for key, tensor in parts.items()}
+    if _expected_shapes(shapes) != shapes:
+        expected = (
+            "U_frozen (N, f), V_frozen (M, f) with f ≥ 1, U (N, a) and V (M, a) when a > 0 "
+            "components are active, and S (f + a,), or S_frozen (f,) and S (a,) when the frozen "
+            "scales are frozen too: a grown layer"
+            if set(shapes) & set(FROZEN)
+            else "(N, r), (r,) or (r, r), (M, r) with r ≥ 1"
+        )
+        raise ValueError(
+            f"layer {name!r}: {', '.join(shapes)} of shapes {', '.join(map(str, shapes.values()))} "
+            f"do not form W = U S Vᵀ (expected {expected})"
+        )
+
+
+def _expected_shapes(shapes: dict[str, tuple]) -> dict[str, tuple] | None:
+    """The shapes a layout with these U, U_frozen and V, V_frozen needs, or None."""
+    frozen, U, V = shapes.get("U_frozen"), shapes.get("U"), shapes.get("V")
+    if frozen is None:
+        if U is None or V is None or len(U) != 2 or len(V) != 2 or U[1] < 1:
+            return None
+        core = (U[1],) if len(shapes.get("S", ())) == 1 else (U[1], U[1])
+        return {"U": U, "S": core, "V": (V[0], U[1])}
+    V_frozen = shapes.get("V_frozen")
+    if len(frozen) != 2 or V_frozen is None or len(V_frozen) != 2 or frozen[1] < 1:
         return None
-    return _Factored(U, S, V)
+    (rows, f), cols = frozen, V_frozen[0]
+    a = U[1] if U is not None and len(U) == 2 else 0
+    expected = {"U_frozen": frozen, "V_frozen": (cols, f)}
+    if U is not None or V is not None:
+        expected.update(U=(rows, a), V=(cols, a))
+    if "S_frozen" in shapes:
+        expected["S_frozen"] = (f,)
+        if a:
+            expected["S"] = (a,)
+    else:
+        expected["S"] = (f + a,)
+    return expected
+
+
+def _effective(parts: dict[str, torch.Tensor], **to) -> tuple[torch.Tensor, ...]:
+    """U, S, V of W = U S Vᵀ from a layer's checked parts, each converted `to` first."""
+    converted = {key: tensor.detach().to(**to) for key, tensor in parts.items()}
+    return effective_factors(**(dict.fromkeys(FACTORS + FROZEN) | converted))
 
 
 def _module_layers(model: nn.Module) -> Iterator[_Layer]:
@@ -108,21 +169,34 @@ def _state_dict_layers(state_dict: Mapping) -> Iterator[_Layer]:
         for key, value in _flatten(state_dict).items()
         if torch.is_tensor(value) and value.is_floating_point()
     }
-    # Rows in the state_dict's order; a factored layer where the first of its U, S, V is.
+    # A factored layer's prefix: a plain triple <prefix>U, S, V, or any frozen part of a grown
+    # one; all its parts are read together (a missing one is an error naming the layer, not a
+    # part read as a matrix of its own).
     factored = {}
     for key in tensors:
-        if key == "U" or key.endswith(".U"):
-            prefix = key[:-1]
-            if all(prefix + letter in tensors for letter in "USV"):
-                factored.update((prefix + letter, prefix) for letter in "USV")
+        for part in ("U", *FROZEN):
+            if key == part or key.endswith("." + part):
+                prefix = key[: -len(part)]
+                grown = any(prefix + name in tensors for name in FROZEN)
+                if grown or all(prefix + name in tensors for name in FACTORS):
+                    factored.update(
+                        (prefix + name, prefix)
+                        for name in FACTORS + FROZEN
+                        if prefix + name in tensors
+                    )
+    # Rows in the state_dict's order; a factored layer where the first of its parts is.
     emitted = set()
     for key, tensor in tensors.items():
         prefix = factored.get(key)
         if prefix is not None:
             if prefix not in emitted:
                 emitted.add(prefix)
-                triple = [tensors[prefix + letter] for letter in "USV"]
-                yield _Layer(prefix.rstrip(".") or "W", "factored", _Factored(*triple))
+                parts = {
+                    name: tensors[prefix + name]
+                    for name in FACTORS + FROZEN
+                    if prefix + name in tensors
+                }
+                yield _Layer(prefix.rstrip(".") or "W", "factored", _Factored(parts))
             continue
         if tensor.dim() < 2:
             continue
@@ -153,10 +227,12 @@ def _read_only(model: nn.Module):
 
 def _operator_shape(operator: _Dense | _Factored) -> tuple[int, int]:
     if isinstance(operator, _Factored):
-        return operator.U.shape[0], operator.V.shape[0]
+        parts = operator.parts  # checked: U_frozen and V_frozen, or U and V
+        U, V = parts.get("U_frozen", parts.get("U")), parts.get("V_frozen", parts.get("V"))
+        return U.shape[0], V.shape[0]
     groups, rows, cols = operator.blocks.shape
     return groups * rows, groups * cols
 
 
 def _operator_tensors(operator: _Dense | _Factored) -> tuple[torch.Tensor, ...]:
-    return tuple(operator) if isinstance(operator, _Factored) else (operator.blocks,)
+    return tuple(operator.parts.values()) if isinstance(operator, _Factored) else (operator.blocks,)

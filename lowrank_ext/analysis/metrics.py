@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import linalg
-from .loading import _Dense, _Factored, _Layer, _operator_shape, _operator_tensors
+from .loading import (
+    _check_factors,
+    _effective,
+    _Factored,
+    _Layer,
+    _operator_shape,
+    _operator_tensors,
+)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SVD_DTYPES = (torch.float32, torch.float64)
@@ -82,20 +89,9 @@ def marchenko_pastur_density(
     return torch.where(inside, density, torch.zeros_like(density))
 
 
-def _check_factors(name: str, factors: _Factored) -> None:
-    U, S, V = factors
-    rank = U.shape[1] if U.dim() == 2 else -1
-    if rank < 1 or V.dim() != 2 or V.shape[1] != rank or S.shape not in ((rank,), (rank, rank)):
-        raise ValueError(
-            f"layer {name!r}: U, S, V of shapes {tuple(U.shape)}, {tuple(S.shape)}, "
-            f"{tuple(V.shape)} do not form W = U S Vᵀ (expected (N, r), (r,) or (r, r), (M, r) "
-            "with r ≥ 1)"
-        )
-
-
 def _check_layer(layer: _Layer) -> None:
     if isinstance(layer.operator, _Factored):
-        _check_factors(layer.name, layer.operator)
+        _check_factors(layer.name, layer.operator.parts)
     rows, cols = _operator_shape(layer.operator)
     if rows == 0 or cols == 0:
         raise ValueError(f"layer {layer.name!r} has an empty weight of shape {rows}×{cols}")
@@ -117,12 +113,16 @@ def _check_layer(layer: _Layer) -> None:
 
 
 def _singular_values(
-    operator: _Dense | _Factored, svd_dtype: torch.dtype, device: torch.device | None
+    layer: _Layer, svd_dtype: torch.dtype, device: torch.device | None
 ) -> tuple[torch.Tensor, int | None]:
     """All min(N, M) singular values (float64, CPU, descending) and the factored rank or None."""
+    operator = layer.operator
     rows, cols = _operator_shape(operator)
     if isinstance(operator, _Factored):
-        U, S, V = (t.detach().to(device=device, dtype=svd_dtype) for t in operator)
+        try:
+            U, S, V = _effective(operator.parts, device=device, dtype=svd_dtype)
+        except RuntimeError as error:  # project_out refuses an active column in the frozen span
+            raise ValueError(f"layer {layer.name!r}: {error}") from None
         _, r_u = torch.linalg.qr(U)
         _, r_v = torch.linalg.qr(V)
         core = torch.diag(S) if S.dim() == 1 else S
@@ -177,7 +177,7 @@ def _spectrum(
 ) -> LayerSpectrum:
     _check_layer(layer)
     shape = _operator_shape(layer.operator)
-    sigma, factored_rank = _singular_values(layer.operator, svd_dtype, device)
+    sigma, factored_rank = _singular_values(layer, svd_dtype, device)
     weight_dtypes = sorted(
         {t.dtype for t in _operator_tensors(layer.operator)}, key=lambda d: -torch.finfo(d).eps
     )

@@ -1,5 +1,5 @@
 """The result of `lowrank_ext.analysis.spectral.analyze`: a `SpectralReport` of
-`LayerSpectrum` rows, with its markdown, JSON and CSV forms, and `suggest_ranks`.
+`LayerSpectrum` rows, with its markdown, JSON and CSV forms.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .metrics import _SCALAR_FIELDS, LayerSpectrum, _check_real, _energy_rank
+from .metrics import _SCALAR_FIELDS, LayerSpectrum
 
 
 @dataclass(frozen=True)
@@ -245,20 +245,3 @@ class SpectralReport:
 
 def _finite_or_none(row: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-
-
-def suggest_ranks(report: SpectralReport, energy: float = 0.9) -> dict[str, int]:
-    """{layer name: smallest k whose k largest σ hold `energy` of Σσ²}, energy in (0, 1].
-
-    For `LowRankLinear.from_linear(linear, rank=...)` and model conversion; at least 1 (the
-    smallest rank a LowRankLinear can have), also for an all-zero layer. A rank above the
-    layer's `lowrank_ext.break_even_rank` makes it larger than dense: from_linear refuses it
-    without allow_larger=True, convert keeps that layer dense.
-    """
-    if not isinstance(report, SpectralReport):
-        raise TypeError(
-            f"argument 'report' must be a SpectralReport (from analyze), got "
-            f"{type(report).__name__}"
-        )
-    _check_real("energy", energy, low=0.0, high=1.0, low_open=True)
-    return {row.name: max(1, _energy_rank(row.singular_values, energy)) for row in report.rows}

@@ -16,9 +16,16 @@ Which matrices
     from in_proj_weight, or q/k/v_proj_weight); out_proj is a Linear. Parametrized modules
     (`torch.nn.utils.parametrize`): the weight the parametrization computes, read in eval mode
     under no_grad so that e.g. spectral_norm's power iteration does not advance; every module's
-    training flag is restored afterwards. Factored layers: a module with 2-D tensors U (N, r) and
-    V (M, r) and S (r,) or (r, r) (LowRankLinear and anything shaped like it), and in a
-    state_dict the triple `<prefix>.U`, `<prefix>.S`, `<prefix>.V`, analysed as W = U S Vᵀ.
+    training flag is restored afterwards. Factored layers, analysed as W = U S Vᵀ: LowRankLinear
+    and LowRankConv2d (also inside LowRankMultiheadAttention) in every state rank growth leaves
+    (after `grow`/`freeze` the frozen components U_frozen, V_frozen, S_frozen come first, the
+    active U, V projected out of their span; a layer frozen at full rank has no active U, V),
+    any other module with 2-D tensors U (N, r) and V (M, r) and S (r,) or (r, r), and in a
+    state_dict the same tensors under one prefix: the triple `<prefix>.U`, `<prefix>.S`,
+    `<prefix>.V`, or a grown layer's `<prefix>.U_frozen`, `.V_frozen` (`.S_frozen`) with the
+    active ones it has. The factors are those forward uses, from the module's tensors or the
+    state_dict's alike (`lowrank_ext.nn.checkpoint.effective_factors`); tensors that do not
+    form such a layout raise ValueError naming the layer.
     In a state_dict, a 2-D weight is read as stored: a Conv1D's (in, out) weight gives N×M =
     in×out (a state_dict does not tell it from a Linear's (out, in) one; the singular values and
     every measure below are the same for W and Wᵀ, only the shape reads transposed). The kernel
@@ -93,7 +100,8 @@ from .metrics import (
     _spectrum,
     marchenko_pastur_density,
 )
-from .report import SpectralReport, suggest_ranks
+from .report import SpectralReport
+from .suggest import suggest_ranks
 
 __all__ = [
     "LayerSpectrum",

@@ -18,6 +18,10 @@ A load that fails leaves the module as it was: every check runs before anything 
 the copy itself fails, the module gets its tensors back, objects and values. Keys missing from the
 checkpoint or unexpected in it are not failures here: nn.Module.load_state_dict passes them on and
 its `strict` decides at the end, after every module has loaded what it could (as for any module).
+
+`effective_factors` turns these tensors into the (U, S, V) of W = U S Vᵀ: the one place that
+says what W a layout holds, for the module's `factors()` and for readers of a state dict
+(`lowrank_ext.analysis`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,38 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import ops
+
 FACTORS = ("U", "S", "V")
 FROZEN = ("U_frozen", "V_frozen", "S_frozen")
 LEGACY_KEY = "_extra_state"  # 0.1.0's layout record, a dict
 _LEGACY_FIELDS = ({"rank", "core"}, {"rank", "core", "frozen", "frozen_scales"})
+
+
+def effective_factors(
+    U: torch.Tensor | None,
+    S: torch.Tensor | None,
+    V: torch.Tensor | None,
+    U_frozen: torch.Tensor | None = None,
+    V_frozen: torch.Tensor | None = None,
+    S_frozen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (U (out, r), S (r,) or (r, r), V (in, r)) of W = U S Vᵀ that a layout's tensors hold,
+    frozen components first: what forward computes with.
+
+    Without U_frozen these are U, S, V as given. Otherwise U = [U_frozen, Ũ], V = [V_frozen, Ṽ]
+    with Ũ, Ṽ the active columns projected out of the frozen span and normalized
+    (`lowrank_ext.ops.project_out`; none when U is None), and S = [S_frozen, S] (either may be
+    None). The active columns are not orthogonalized against each other. float32/float64 (the
+    op's dtypes); shapes are assumed to form a layout (`read_layout` checks a checkpoint's).
+    """
+    if U_frozen is None:
+        return U, S, V
+    if U is not None:
+        U_frozen = torch.cat([U_frozen, ops.project_out(U_frozen, U, normalize=True)], dim=1)
+        V_frozen = torch.cat([V_frozen, ops.project_out(V_frozen, V, normalize=True)], dim=1)
+    scales = [t for t in (S_frozen, S) if t is not None]
+    return U_frozen, scales[0] if len(scales) == 1 else torch.cat(scales), V_frozen
 
 
 class _Refused(Exception):

@@ -27,8 +27,10 @@ returns a module (Hugging Face models: the LM head, GPT-2's included); otherwise
 layer (for None also nn.Conv2d) registered last, outside any attention module. Name it
 explicitly to convert it.
 `exclude_modules` removes modules from the targets (same list/regex forms). `rank_pattern` maps
-keys to ranks overriding `rank`/`energy`: a key matches a module if the regex
-`(.*\\.)?<key>` matches its whole name; the first matching key in the dict's order wins.
+keys to ranks overriding `rank`/`energy`: a key equal to a module's full name is that module's;
+otherwise a key matches a module if the regex `(.*\\.)?<key>` matches its whole name, and the
+first matching key in the dict's order wins. `spectral.suggest_ranks(model)` gives a
+rank_pattern of full names, one per module convert targets.
 
 The out_proj of an nn.MultiheadAttention is part of that module: it is converted with it and
 cannot be targeted alone.
@@ -119,22 +121,8 @@ def convert(
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
     _check_allow_larger(allow_larger)
     _check_core(core)
-    modules = {name: module for name, module in model.named_modules() if name}
-    internal = _attention_internals(modules)
-    targets = _targets(model, modules, internal, target_modules)
-    if exclude_modules is not None:
-        if exclude_modules == ALL_LINEAR:
-            raise ValueError("argument 'exclude_modules' takes a regex or a list, not 'all-linear'")
-        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
-        targets = [name for name in targets if name not in excluded]
-    if not targets:
-        raise ValueError(
-            f"no module to convert in {type(model).__name__}: target_modules={target_modules!r}, "
-            f"exclude_modules={exclude_modules!r} leave nothing ({_SUPPORTED} are converted; "
-            "for a single layer use its from_* class method)"
-        )
-    for name in targets:
-        _check_convertible(name, modules[name], internal)
+    modules = _selected(model, target_modules, exclude_modules)
+    targets = list(modules)
     per_module = _pattern_ranks(rank_pattern, targets)
     if rank is None and energy is None and not allow_larger:
         _refuse_full_rank([name for name in targets if name not in per_module], modules)
@@ -210,6 +198,28 @@ def ranks(model: nn.Module) -> dict[str, int]:
         for name, module in model.named_modules()
         if isinstance(module, (LowRankLinear, LowRankConv2d))
     }
+
+
+def _selected(model: nn.Module, target_modules, exclude_modules) -> dict[str, nn.Module]:
+    """{name: module} of the modules convert converts, in model order, each checked to be
+    convertible (see the module doc; also what `spectral.suggest_ranks` suggests ranks for)."""
+    modules = {name: module for name, module in model.named_modules() if name}
+    internal = _attention_internals(modules)
+    targets = _targets(model, modules, internal, target_modules)
+    if exclude_modules is not None:
+        if exclude_modules == ALL_LINEAR:
+            raise ValueError("argument 'exclude_modules' takes a regex or a list, not 'all-linear'")
+        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
+        targets = [name for name in targets if name not in excluded]
+    if not targets:
+        raise ValueError(
+            f"no module to convert in {type(model).__name__}: target_modules={target_modules!r}, "
+            f"exclude_modules={exclude_modules!r} leave nothing ({_SUPPORTED} are converted; "
+            "for a single layer use its from_* class method)"
+        )
+    for name in targets:
+        _check_convertible(name, modules[name], internal)
+    return {name: modules[name] for name in targets}
 
 
 def _attention_internals(modules: Mapping[str, nn.Module]) -> set[str]:
@@ -342,14 +352,18 @@ def _pattern_ranks(rank_pattern, targets: list[str]) -> dict[str, int]:
             ) from None
     per_module, used = {}, set()
     for name in targets:
-        key = next((key for key, pattern in patterns.items() if pattern.fullmatch(name)), None)
+        # A key equal to the full name wins, so that {name: rank} for every module (as
+        # spectral.suggest_ranks gives) sets each module's own rank whatever the keys' order.
+        key = name if name in patterns else None
+        key = key or next((k for k, pattern in patterns.items() if pattern.fullmatch(name)), None)
         if key is not None:
             per_module[name] = rank_pattern[key]
             used.add(key)
     unused = [key for key in patterns if key not in used]
     if unused:
         raise ValueError(
-            f"argument 'rank_pattern': {unused} match no module being converted ({_some(targets)})"
+            f"argument 'rank_pattern': {unused} match no module being converted ({_some(targets)}"
+            "; spectral.suggest_ranks(model) suggests ranks for exactly those)"
         )
     return per_module
 

@@ -151,15 +151,9 @@ class FactoredModule(DenseWeight):
         is projected out of the span of the frozen ones and normalized; with a > 1 the active
         columns are not orthogonalized against each other (freezing them does that).
         """
-        if self.U_frozen is None:
-            return self.U, self.S, self.V
-        U, V = self.U_frozen, self.V_frozen
-        if self.U is not None:
-            U = torch.cat([U, ops.project_out(self.U_frozen, self.U, normalize=True)], dim=1)
-            V = torch.cat([V, ops.project_out(self.V_frozen, self.V, normalize=True)], dim=1)
-        scales = [t for t in (self.S_frozen, self.S) if t is not None]
-        S = scales[0] if len(scales) == 1 else torch.cat(scales)
-        return U, S, V
+        return checkpoint.effective_factors(
+            self.U, self.S, self.V, self.U_frozen, self.V_frozen, self.S_frozen
+        )
 
     def _weight_shape(self) -> tuple[int, ...]:
         """The shape of the dense module's weight (a subclass's; W reshaped to it)."""
