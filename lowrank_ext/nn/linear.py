@@ -86,7 +86,8 @@ class LowRankLinear(FactoredModule):
                 f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}{hint}"
             )
         weight = linear.weight
-        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger)
+        what = "the weight of argument 'linear'"
+        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger, what)
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -138,7 +139,8 @@ class LowRankLinear(FactoredModule):
                 f"argument 'conv1d' must be a transformers Conv1D, got {type(conv1d).__name__}"
             )
         matrix = conv1d_matrix(conv1d, "argument 'conv1d'")
-        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger)
+        what = "the weight of argument 'conv1d'"
+        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger, what)
         module = cls(
             matrix.shape[1],
             matrix.shape[0],
