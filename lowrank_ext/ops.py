@@ -114,8 +114,10 @@ def linear(
         bias: (out_features,) or None.
 
     All tensors share one dtype (CPU: float32/float64; CUDA: also float16/bfloat16, accumulated
-    in float32) and one device. Under autocast, CUDA inputs are cast to the autocast dtype and
-    CPU inputs to float32. Returns y of shape (..., out_features).
+    in float32) and one device, and are dense (strided): sparse, quantized and nested tensors
+    raise a RuntimeError naming the argument, as does any shape, dtype or device that does not
+    fit. Under autocast, CUDA inputs are cast to the autocast dtype and CPU inputs to float32.
+    Returns y of shape (..., out_features).
     """
     return _linear(x, U, S, V, bias)
 
@@ -271,8 +273,9 @@ def project_out(
     half inputs are computed in float32. Differentiable in Q and X (fused backward).
 
     Raises:
-        RuntimeError: naming the argument, for a shape, dtype or device that does not fit,
-            passes outside [1, 8] (or 1 with normalize), and the columns normalize refuses.
+        RuntimeError: naming the argument, for a shape, dtype or device that does not fit, a
+            sparse, quantized or nested tensor, passes outside [1, 8] (or 1 with normalize),
+            and the columns normalize refuses.
     """
     return _project_out(Q, X, passes, normalize)
 

@@ -319,7 +319,9 @@ class LowRankMultiheadAttention(nn.Module):
         above its break-even rank (`LowRankLinear.from_linear`; E·E/(2E + 1) for out_proj,
         3E·E/(4E + 1) for a packed in_proj, with core="diag") raises `LargerThanDenseError`
         (a ValueError naming the projection, its rank and break-even rank) unless
-        `allow_larger=True`.
+        `allow_larger=True`. A projection weight that is on the meta device, not real floating
+        point or holds NaN/inf is refused (ValueError/TypeError naming it, e.g.
+        "in_proj_weight of argument 'attention'") before any SVD.
         """
         if not isinstance(attention, nn.MultiheadAttention):
             raise TypeError(

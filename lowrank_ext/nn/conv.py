@@ -166,8 +166,9 @@ class LowRankConv2d(FactoredModule):
         (`lowrank_ext.nn.break_even_rank(in·kh·kw, out, core)`) raises `LargerThanDenseError`
         (a ValueError) unless `allow_larger=True`.
 
-        Raises TypeError (not an nn.Conv2d), ValueError (groups != 1, a lazy conv, rank/energy
-        out of range or both given, a rank above the break-even rank without allow_larger).
+        Raises TypeError (not an nn.Conv2d, a kernel that is not real floating point),
+        ValueError (groups != 1, a lazy or meta conv, a kernel holding NaN/inf, rank/energy out
+        of range or both given, a rank above the break-even rank without allow_larger).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")

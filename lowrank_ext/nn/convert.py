@@ -112,8 +112,9 @@ def convert(
 
     Raises ValueError naming the argument or the module: rank and energy both given; a target,
     exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
-    converted; a rank out of range for a module; a full-rank conversion (neither rank nor
-    energy, for a module rank_pattern does not cover) without allow_larger=True.
+    converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of range for a
+    module; a full-rank conversion (neither rank nor energy, for a module rank_pattern does
+    not cover) without allow_larger=True. A zero weight converts at rank 1 under `energy`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")

@@ -198,9 +198,11 @@ class DenseWeight(nn.Module):
         Parameters (requires_grad kept): re-create optimizers, which hold the old ones.
 
         Raises TypeError (weight not a floating-point tensor, allow_larger not a bool),
-        ValueError (wrong shape, NaN/inf, rank or energy out of range or both given, a rank
-        above the break-even rank without allow_larger: `LargerThanDenseError`), RuntimeError
-        (a layer with frozen components from grow/freeze). On error the module is unchanged.
+        ValueError (wrong shape, NaN/inf, on the meta device or not dense, rank or energy out
+        of range or both given, a rank above the break-even rank without allow_larger:
+        `LargerThanDenseError`), RuntimeError (a layer with frozen components from
+        grow/freeze). A zero weight has energy rank 1. On any error, also one while the factors
+        are written, the module is unchanged (`lowrank_ext.nn.transaction`).
         """
         kind = type(self).__name__
         _check_allow_larger(allow_larger)

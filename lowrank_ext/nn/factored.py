@@ -67,6 +67,7 @@ class FactoredModule(DenseWeight):
         rank: r, in [1, min(in_features, out_features)].
         bias: learn an additive bias of out_features entries.
         core: "diag" (S is a vector of r scales) or "full" (S is a trainable r×r matrix).
+        device, dtype: of the factors; dtype a real floating torch.dtype (TypeError otherwise).
 
     Parameters U (out, r) and V (in, r) start orthonormal and S at √(out / (3r)), so that
     ‖W‖_F² = out/3 as for nn.Linear's default init; the bias is initialized as nn.Linear's. The

@@ -77,8 +77,10 @@ class LowRankLinear(FactoredModule):
         `allow_larger=True`.
 
         Returns a LowRankLinear with linear's dtype and device. Raises TypeError (not an
-        nn.Linear), ValueError (rank/energy out of range or both given, a rank above the
-        break-even rank without allow_larger).
+        nn.Linear, a weight that is not real floating point), ValueError (rank/energy out of
+        range or both given, a rank above the break-even rank without allow_larger; a weight
+        that is lazy, on the meta device, not dense, or holds NaN/inf, which the SVD would
+        spread to every output). A zero weight has energy rank 1 (`energy_rank`).
         """
         if not isinstance(linear, nn.Linear):
             hint = " (use from_conv1d for a transformers Conv1D)" if is_conv1d(linear) else ""
@@ -131,8 +133,9 @@ class LowRankLinear(FactoredModule):
         rank min(nx, nf) (which needs allow_larger). A rank above the break-even rank (see
         from_linear) raises `LargerThanDenseError` unless `allow_larger=True`.
 
-        Raises TypeError when `conv1d` is not a Conv1D, ValueError when its weight is lazy, not
-        2-D or not (nx, nf), the rank is out of range or above the break-even rank.
+        Raises TypeError when `conv1d` is not a Conv1D or its weight not real floating point,
+        ValueError when its weight is lazy, on the meta device, not 2-D or not (nx, nf), holds
+        NaN/inf, or the rank is out of range or above the break-even rank.
         """
         if not is_conv1d(conv1d):
             raise TypeError(
