@@ -392,7 +392,9 @@ def tensor_kind(tensor: torch.Tensor) -> str | None:
     if tensor.is_quantized:
         return f"a quantized tensor ({tensor.dtype}; .dequantize() gives a float one)"
     if tensor.layout != torch.strided:
-        return f"a {str(tensor.layout).removeprefix('torch.')} tensor (.to_dense() gives a dense one)"
+        return (
+            f"a {str(tensor.layout).removeprefix('torch.')} tensor (.to_dense() gives a dense one)"
+        )
     return None
 
 

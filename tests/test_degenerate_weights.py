@@ -66,7 +66,9 @@ def _set(kind: str, dense: nn.Module, case: str) -> torch.Tensor:
     rows, cols = weight.shape[0], weight[0].numel()
     with torch.no_grad():
         if case in FINITE:
-            matrix = _planted(rows, cols, SCALE[case]) if case != "zero" else torch.zeros(rows, cols)
+            matrix = (
+                _planted(rows, cols, SCALE[case]) if case != "zero" else torch.zeros(rows, cols)
+            )
             weight.copy_(matrix.reshape(weight.shape))
         else:
             weight[(1,) * weight.dim()] = {"inf": float("inf"), "nan": float("nan")}.get(

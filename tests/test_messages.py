@@ -98,8 +98,10 @@ def _meta(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "attention"])
 def test_meta_dense_modules(kind):
-    what = "in_proj_weight of argument 'attention'" if kind == "attention" else (
-        f"the weight of argument '{kind}'"
+    what = (
+        "in_proj_weight of argument 'attention'"
+        if kind == "attention"
+        else (f"the weight of argument '{kind}'")
     )
     with pytest.raises(ValueError, match=rf"{what} is on the meta device and holds no values"):
         _from(kind, _meta(kind), rank=1)
@@ -172,11 +174,12 @@ def _kinds(tensor: torch.Tensor) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nested tensors are a prototype
             rows = list(tensor.unbind())
-            forms["nested"] = (torch.nested.nested_tensor([rows[0][None], rows[1][None]]), "a nested")
+            forms["nested"] = (
+                torch.nested.nested_tensor([rows[0][None], rows[1][None]]),
+                "a nested",
+            )
             forms["jagged"] = (
-                torch.nested.nested_tensor(
-                    [tensor[:1], tensor[1:]], layout=torch.jagged
-                ),
+                torch.nested.nested_tensor([tensor[:1], tensor[1:]], layout=torch.jagged),
                 "a nested",
             )
     return forms
@@ -263,7 +266,14 @@ def test_backward_ops_name_their_arguments():
     ):
         torch.ops.lowrank_ext.project_out_backward(
             torch.quantize_per_tensor(torch.randn(6, 3), 0.1, 0, torch.qint8),
-            p["Q"], p["X"], Y, coeffs, norms, 2, False, [True, True],
+            p["Q"],
+            p["X"],
+            Y,
+            coeffs,
+            norms,
+            2,
+            False,
+            [True, True],
         )
 
 
@@ -277,7 +287,7 @@ def test_module_forward_inputs(grad):
     }
     for name, (module, x, where) in modules.items():
         module.requires_grad_(grad)
-        for kind, (bad, words) in _kinds(x).items():
+        for bad, words in _kinds(x).values():
             args = (bad, x, x) if name == "attention" else (bad,)
             with pytest.raises(RuntimeError, match=rf"{where} is {words}"):
                 module(*args)
@@ -288,8 +298,9 @@ def test_dense_inputs_still_run():
     autograd and a fake-tensor trace are unchanged."""
     args = _linear_args()
     args = {k: v.double().requires_grad_() for k, v in args.items()}
-    y = lowrank_ext.linear(**{"x": args["x"], "U": args["U"], "S": args["S"], "V": args["V"]},
-                           bias=args["bias"])
+    y = lowrank_ext.linear(
+        **{"x": args["x"], "U": args["U"], "S": args["S"], "V": args["V"]}, bias=args["bias"]
+    )
     reference = ((args["x"] @ args["V"]) * args["S"]) @ args["U"].T + args["bias"]
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
     y.sum().backward()

@@ -116,7 +116,9 @@ def test_grow_and_freeze(monkeypatch, method, index):
         layer.grow(1)
     before = record(model, optimizer, inputs)
     # The last step of _refine sets S (the module's last attribute of the new layout).
-    fail_after(monkeypatch, DenseWeight, "__setattr__", when=lambda m, n, v: m is layer and n == "S")
+    fail_after(
+        monkeypatch, DenseWeight, "__setattr__", when=lambda m, n, v: m is layer and n == "S"
+    )
     with pytest.raises(Injected):
         getattr(layer, method)()
     assert_unchanged(before, record(model, optimizer, inputs))
@@ -211,7 +213,9 @@ def test_grow_model_with_optimizer(monkeypatch, grown_before):
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)
+    )
 
 
 def _mlp_inputs():

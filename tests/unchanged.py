@@ -34,7 +34,13 @@ def record(model, optimizer=None, inputs=None) -> dict:
                 entry = None
                 if t is not None:
                     grad = t.grad if kind == "_parameters" else None
-                    entry = (id(t), bits(t), t.requires_grad, id(grad), None if grad is None else bits(grad))
+                    entry = (
+                        id(t),
+                        bits(t),
+                        t.requires_grad,
+                        id(grad),
+                        None if grad is None else bits(grad),
+                    )
                 tensors[f"{name}.{key}" if name else key] = entry
     result = {
         "modules": [(n, type(m), id(m)) for n, m in model.named_modules(remove_duplicate=False)],
@@ -59,7 +65,9 @@ def record(model, optimizer=None, inputs=None) -> dict:
 
 def _same(a, b) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+        return (
+            torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

@@ -157,7 +157,9 @@ class LowRankMultiheadAttention(nn.Module):
         for name, tensor in (("query", query), ("key", key), ("value", value)):
             kind = ops.tensor_kind(tensor)
             if kind is not None:
-                raise RuntimeError(f"argument '{name}' is {kind}; a dense (strided) tensor is expected")
+                raise RuntimeError(
+                    f"argument '{name}' is {kind}; a dense (strided) tensor is expected"
+                )
         if query.dim() not in (2, 3):
             raise ValueError(
                 f"argument 'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D"

@@ -58,7 +58,8 @@ class Snapshot:
             }
             self._modules.append((module, attributes))
         self._parameters = [
-            (p, p.grad, p.requires_grad) for p in {id(p): p for p in _all_parameters(model)}.values()
+            (p, p.grad, p.requires_grad)
+            for p in {id(p): p for p in _all_parameters(model)}.values()
         ]
         self._values = []
         with torch.no_grad():
@@ -67,7 +68,9 @@ class Snapshot:
                     self._values.append((tensor, tensor.detach().clone()))
         self._optimizer = optimizer
         if optimizer is not None:
-            self._groups = [(group, dict(group), list(group["params"])) for group in optimizer.param_groups]
+            self._groups = [
+                (group, dict(group), list(group["params"])) for group in optimizer.param_groups
+            ]
             self._group_list = list(optimizer.param_groups)
             self._state = {p: (state, dict(state)) for p, state in optimizer.state.items()}
         self._objects = [
