@@ -365,3 +365,54 @@ def test_oialr_conversion(kind, case):
         oialr.step()
     assert_unchanged(before, record(model, optimizer))
     assert (oialr.steps, oialr.converted, oialr.history) == (1, False, [])
+
+
+# ------------------------------------------------------------------------ transformers' Conv1D
+
+
+@pytest.mark.parametrize("case", FINITE + NON_FINITE)
+def test_conv1d(case):
+    """GPT-2's Conv1D stores W transposed (in, out): the same rule and refusals, through
+    from_conv1d and convert."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(5, 6), nn.Tanh(), nn.Linear(5, 3))
+    layer = model[0]
+    with torch.no_grad():
+        if case in FINITE:
+            matrix = _planted(5, 6, SCALE[case]) if case != "zero" else torch.zeros(5, 6)
+            layer.weight.copy_(matrix.T)
+        else:
+            layer.weight[1, 1] = float(case)
+    if case in NON_FINITE:
+        refusal = r"the weight of argument 'conv1d' holds NaN or inf \(\d NaN, \d inf of its 30"
+        with pytest.raises(ValueError, match=refusal):
+            LowRankLinear.from_conv1d(layer, energy=0.9)
+        before = record(model)
+        with pytest.raises(ValueError, match=r"cannot convert '0' \(Conv1D\): " + refusal):
+            lowrank_ext.convert(model, energy=0.9, allow_larger=True)
+        assert_unchanged(before, record(model))
+        return
+    matrix = layer.weight.detach().double().T
+    _assert_factorizes(
+        LowRankLinear.from_conv1d(layer, energy=0.9), matrix, ENERGY_RANK[case], case
+    )
+    lowrank_ext.convert(model, energy=0.9, allow_larger=True)
+    _assert_factorizes(model[0], matrix, ENERGY_RANK[case], case)
+
+
+def test_oialr_cut_of_a_zero_core():
+    """OIALR's cut follows the same rule: a zero core (σ_max = 0) keeps one component (within
+    max_drop and min_rank), not all of them."""
+    model = _model("linear")
+    _set("linear", model[0], "zero")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the core stays zero
+    oialr = OIALR(model, optimizer, delay=0, frequency=1, cutoff=0.1, max_drop=1.0)
+    assert oialr.ranks()["0"] == 5
+    inputs = _inputs("linear")
+    model(*inputs).sum().backward()
+    optimizer.step()
+    oialr.step()
+    assert oialr.ranks()["0"] == 1
+    with torch.no_grad():
+        assert torch.equal(model[0](inputs[0]), model[0].bias.expand(4, 5))
