@@ -40,9 +40,10 @@ def _check_core(core) -> str:
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest k whose k largest singular values hold `energy` of Σσ² (energy in (0, 1]).
 
-    The rule of every energy choice in lowrank_ext (from_linear, from_conv2d, convert, set_weight,
-    spectral.suggest_ranks): a zero matrix (Σσ² = 0) has rank 1, the smallest a factorization
-    can have, whatever `energy`. σ is scaled by σ_max before squaring, so tiny matrices (σ of
+    The rule of every energy choice of a factorization (from_linear, from_conv2d, from_conv1d,
+    from_multihead_attention, convert, set_weight; OIALR's cut keeps one component of a zero
+    core likewise): a zero matrix (Σσ² = 0) has rank 1, the smallest a factorization can have,
+    whatever `energy`. σ is scaled by σ_max before squaring, so tiny matrices (σ of
     1e-200) keep their energy split. Raises ValueError for an energy outside (0, 1] and for
     singular values that are not finite or negative.
     """
@@ -63,7 +64,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
 
 def check_matrix(weight, what: str) -> torch.Tensor:
     """`weight`, checked to be something an SVD can factorize; errors start with `what`, which
-    names it ("argument 'linear'", "argument 'attention' (in_proj_weight)", ...).
+    names it ("the weight of argument 'linear'", "in_proj_weight of argument 'attention'", ...).
 
     Raises TypeError (not a tensor, not real floating point) and ValueError (lazy, on the meta
     device, not dense, holding NaN or inf: an SVD would spread them over every factor, so every
