@@ -114,8 +114,10 @@ def linear(
         bias: (out_features,) or None.
 
     All tensors share one dtype (CPU: float32/float64; CUDA: also float16/bfloat16, accumulated
-    in float32) and one device. Under autocast, CUDA inputs are cast to the autocast dtype and
-    CPU inputs to float32. Returns y of shape (..., out_features).
+    in float32) and one device, and are dense (strided): sparse, quantized and nested tensors
+    raise a RuntimeError naming the argument, as does any shape, dtype or device that does not
+    fit. Under autocast, CUDA inputs are cast to the autocast dtype and CPU inputs to float32.
+    Returns y of shape (..., out_features).
     """
     return _linear(x, U, S, V, bias)
 
@@ -271,8 +273,9 @@ def project_out(
     half inputs are computed in float32. Differentiable in Q and X (fused backward).
 
     Raises:
-        RuntimeError: naming the argument, for a shape, dtype or device that does not fit,
-            passes outside [1, 8] (or 1 with normalize), and the columns normalize refuses.
+        RuntimeError: naming the argument, for a shape, dtype or device that does not fit, a
+            sparse, quantized or nested tensor, passes outside [1, 8] (or 1 with normalize),
+            and the columns normalize refuses.
     """
     return _project_out(Q, X, passes, normalize)
 
@@ -349,3 +352,95 @@ def _project_out_backward_fake(grad_Y, Q, X, Y, coeffs, norms, passes, normalize
     grad_Q = Q.new_empty(Q.shape) if output_mask[0] else Q.new_empty((0,))
     grad_X = X.new_empty(X.shape) if output_mask[1] else X.new_empty((0,))
     return grad_Q, grad_X
+
+
+# ---------------------------------------------------------------- tensors the kernels cannot read
+#
+# The kernels take dense (strided) tensors. For any other kind the dispatcher would look for a
+# kernel under the tensor's backend key (SparseCPU, QuantizedCPU, ...) and fail with a message
+# naming only the backend; these kernels answer instead, naming the argument and what to pass.
+# Registered per dispatch key, they cost the dense path nothing and cover torch.ops.lowrank_ext.*
+# as well as the wrappers above and the modules.
+
+_NOT_DENSE_KEYS = (
+    "SparseCPU",
+    "SparseCUDA",
+    "SparseCsrCPU",
+    "SparseCsrCUDA",
+    "QuantizedCPU",
+    "QuantizedCUDA",
+    "NestedTensorCPU",
+    "NestedTensorCUDA",
+    # The C++ autograd kernels read sizes, which a nested tensor does not have: answer before.
+    "AutogradNestedTensor",
+)
+_OPS = (
+    "linear",
+    "linear_forward",
+    "linear_backward",
+    "project_out",
+    "project_out_forward",
+    "project_out_backward",
+)
+
+
+def tensor_kind(tensor: torch.Tensor) -> str | None:
+    """What kind of tensor `tensor` is when the kernels cannot read it ("sparse_coo", "quantized",
+    "nested", ...), and how to make a dense one; None for a dense (strided) tensor."""
+    if tensor.is_nested:
+        return "a nested tensor (pad it with torch.nested.to_padded_tensor, or unbind it)"
+    if tensor.is_quantized:
+        return f"a quantized tensor ({tensor.dtype}; .dequantize() gives a float one)"
+    if tensor.layout != torch.strided:
+        return (
+            f"a {str(tensor.layout).removeprefix('torch.')} tensor (.to_dense() gives a dense one)"
+        )
+    return None
+
+
+def _refuse_not_dense(op_name: str):
+    schema = getattr(_ops, op_name).default._schema
+    names = [argument.name for argument in schema.arguments]
+    # linear and project_out with gradients run their _forward ops: name the op that was called.
+    public = op_name.removesuffix("_forward")
+
+    def refuse(*args, **kwargs):
+        values = [*zip(names, args), *kwargs.items()]
+        for name, value in values:
+            kind = tensor_kind(value) if isinstance(value, torch.Tensor) else None
+            if kind is not None:
+                raise RuntimeError(
+                    f"lowrank_ext.{public}: argument '{name}' is {kind}; the op takes dense "
+                    "(strided) tensors"
+                )
+        raise RuntimeError(f"lowrank_ext.{public}: the arguments must be dense (strided) tensors")
+
+    return refuse
+
+
+_library = torch.library.Library("lowrank_ext", "IMPL")
+for _op_name in _OPS:
+    for _key in _NOT_DENSE_KEYS:
+        _library.impl(_op_name, _refuse_not_dense(_op_name), _key)
+
+
+def _refuse_jagged() -> None:
+    """Jagged nested tensors (layout=torch.jagged) are a Python subclass that dispatches through
+    its __torch_dispatch__, not through a backend key: refuse there too (torch's private class,
+    so only when it is where torch 2.11–2.14 keep it)."""
+    try:
+        from torch.nested._internal.nested_tensor import NestedTensor
+    except ImportError:  # pragma: no cover - another torch layout; torch's own error then
+        return
+    for op_name in _OPS:
+        refuse = _refuse_not_dense(op_name)
+
+        def dispatch(mode, func, types, args=(), kwargs=None, refuse=refuse):
+            refuse(*args, **(kwargs or {}))
+
+        torch.library.register_torch_dispatch(
+            f"lowrank_ext::{op_name}", NestedTensor, dispatch, lib=_library
+        )
+
+
+_refuse_jagged()

@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from .factored import _check_features
 from .linear import LowRankLinear
-from .truncation import LargerThanDenseError
+from .truncation import LargerThanDenseError, check_matrix
 
 _IN_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -154,6 +154,12 @@ class LowRankMultiheadAttention(nn.Module):
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         """Shape checks with messages naming the argument; True for batched inputs."""
+        for name, tensor in (("query", query), ("key", key), ("value", value)):
+            kind = ops.tensor_kind(tensor)
+            if kind is not None:
+                raise RuntimeError(
+                    f"argument '{name}' is {kind}; a dense (strided) tensor is expected"
+                )
         if query.dim() not in (2, 3):
             raise ValueError(
                 f"argument 'query' must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D"
@@ -315,7 +321,9 @@ class LowRankMultiheadAttention(nn.Module):
         above its break-even rank (`LowRankLinear.from_linear`; E·E/(2E + 1) for out_proj,
         3E·E/(4E + 1) for a packed in_proj, with core="diag") raises `LargerThanDenseError`
         (a ValueError naming the projection, its rank and break-even rank) unless
-        `allow_larger=True`.
+        `allow_larger=True`. A projection weight that is on the meta device, not real floating
+        point or holds NaN/inf is refused (ValueError/TypeError naming it, e.g.
+        "in_proj_weight of argument 'attention'") before any SVD.
         """
         if not isinstance(attention, nn.MultiheadAttention):
             raise TypeError(
@@ -340,6 +348,10 @@ class LowRankMultiheadAttention(nn.Module):
             biases = dict(zip(_IN_PROJECTIONS, split))
         weights["out_proj"] = attention.out_proj.weight
         biases["out_proj"] = attention.out_proj.bias
+        for name, weight in weights.items():
+            # Named here: from_linear would name its own argument, which the caller never saw.
+            attribute = "out_proj.weight" if name == "out_proj" else f"{name}_weight"
+            check_matrix(weight, f"{attribute} of argument 'attention'")
         projections = {}
         for name, weight in weights.items():
             try:

@@ -26,13 +26,13 @@ says what W a layout holds, for the module's `factors()` and for readers of a st
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .. import ops
+from .transaction import Snapshot
 
 FACTORS = ("U", "S", "V")
 FROZEN = ("U_frozen", "V_frozen", "S_frozen")
@@ -239,35 +239,18 @@ def load_factored(
     except _Refused as refusal:
         error_msgs.append(str(refusal))
         return
-    before = dict(itertools.chain(module._parameters.items(), module._buffers.items()))
+    # The layout changes and the copy write in place: keep values too (nn/transaction.py).
+    snapshot = Snapshot(module, values=[module])
     errors, unexpected = len(error_msgs), len(unexpected_keys)
-    copies = {}
     try:
         if shapes is not None:
             take_layout(module, shapes)
-        # Tensors kept at their shape are copied into in place: keep their values to restore.
-        copies = {
-            name: tensor.detach().clone()
-            for name, tensor in before.items()
-            if tensor is not None
-            and getattr(module, name) is tensor
-            and prefix + name in state_dict
-        }
         load()
     except BaseException:
-        _restore(module, before, copies)
+        snapshot.restore()
         raise
     legacy = prefix + LEGACY_KEY
     if legacy in unexpected_keys[unexpected:]:
         unexpected_keys.remove(legacy)  # read and checked above
     if len(error_msgs) > errors:
-        _restore(module, before, copies)
-
-
-def _restore(module, before: dict, copies: dict) -> None:
-    for name, tensor in before.items():
-        registry = module._parameters if name in module._parameters else module._buffers
-        registry[name] = tensor
-    with torch.no_grad():
-        for name, values in copies.items():
-            before[name].copy_(values)
+        snapshot.restore()

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .factored import FactoredModule, _check_features
-from .truncation import factorize
+from .truncation import check_matrix, factorize
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -122,6 +123,9 @@ class LowRankConv2d(FactoredModule):
         return (width, width, height, height)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        kind = ops.tensor_kind(input)
+        if kind is not None:
+            raise RuntimeError(f"argument 'input' is {kind}; a dense (strided) tensor is expected")
         if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
             raise ValueError(
                 f"argument 'input' must be (N, {self.in_channels}, H, W) or "
@@ -162,8 +166,9 @@ class LowRankConv2d(FactoredModule):
         (`lowrank_ext.nn.break_even_rank(in·kh·kw, out, core)`) raises `LargerThanDenseError`
         (a ValueError) unless `allow_larger=True`.
 
-        Raises TypeError (not an nn.Conv2d), ValueError (groups != 1, a lazy conv, rank/energy
-        out of range or both given, a rank above the break-even rank without allow_larger).
+        Raises TypeError (not an nn.Conv2d, a kernel that is not real floating point),
+        ValueError (groups != 1, a lazy or meta conv, a kernel holding NaN/inf, rank/energy out
+        of range or both given, a rank above the break-even rank without allow_larger).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
@@ -172,11 +177,10 @@ class LowRankConv2d(FactoredModule):
                 f"argument 'conv' has groups={conv.groups}; only groups=1 has a single kernel "
                 "matrix to factorize"
             )
-        kernel = conv.weight
-        if isinstance(kernel, nn.parameter.UninitializedParameter):
-            raise ValueError("argument 'conv' is lazy and not initialized: run a forward first")
+        what = "the weight of argument 'conv'"
+        kernel = check_matrix(conv.weight, what)
         matrix = kernel.reshape(conv.out_channels, -1)
-        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger)
+        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger, what)
         module = cls(
             conv.in_channels,
             conv.out_channels,

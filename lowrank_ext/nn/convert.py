@@ -57,6 +57,7 @@ from .conv import LowRankConv2d
 from .hf_conv1d import conv1d_matrix, is_conv1d, linear_kinds
 from .linear import LowRankLinear
 from .summary import ModuleSummary, _summary
+from .transaction import all_or_nothing
 from .truncation import LargerThanDenseError, _check_allow_larger, _check_core
 
 __all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
@@ -101,8 +102,9 @@ def convert(
     totals, are logged at INFO on the logger "lowrank_ext" (with the modules kept dense);
     `lowrank_ext.conversion_summary(model)` gives them as an object and a table.
 
-    All-or-nothing: every replacement is computed before any is swapped in,
-    so on error the model is left as it was. A replacement keeps the replaced module's training
+    All-or-nothing: every replacement is computed before any is swapped in, and the swap and
+    the steps after it are undone on error (`lowrank_ext.nn.transaction`), so on any error the
+    model is left as it was. A replacement keeps the replaced module's training
     flag, and a module whose parameters were all frozen stays frozen; hooks registered on the
     replaced module are not carried over. A module registered under several names is replaced
     under all of them. An nn.TransformerEncoder whose attention is converted gets
@@ -112,8 +114,9 @@ def convert(
 
     Raises ValueError naming the argument or the module: rank and energy both given; a target,
     exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
-    converted; a rank out of range for a module; a full-rank conversion (neither rank nor
-    energy, for a module rank_pattern does not cover) without allow_larger=True.
+    converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of range for a
+    module; a full-rank conversion (neither rank nor energy, for a module rank_pattern does
+    not cover) without allow_larger=True. A zero weight converts at rank 1 under `energy`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -142,12 +145,13 @@ def convert(
             raise ValueError(f"cannot convert {name!r} ({type(dense).__name__}): {error}") from None
         _carry_training_state(dense, low_rank)
         replacements[id(dense)] = low_rank
-    _swap(model, replacements)
-    if kept_dense:
-        warnings.warn(_kept_dense_message(kept_dense), UserWarning, stacklevel=2)
-    if _LOG.isEnabledFor(logging.INFO):
-        _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
-    _disable_nested_tensor(model)
+    with all_or_nothing(model):  # the swap and what follows it, undone on any error
+        _swap(model, replacements)
+        if kept_dense:
+            warnings.warn(_kept_dense_message(kept_dense), UserWarning, stacklevel=2)
+        if _LOG.isEnabledFor(logging.INFO):
+            _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
+        _disable_nested_tensor(model)
     return model
 
 
@@ -183,7 +187,8 @@ def merge(model: nn.Module) -> nn.Module:
             continue
         _carry_training_state(module, dense)
         replacements[id(module)] = dense
-    _swap(model, replacements)
+    with all_or_nothing(model):
+        _swap(model, replacements)
     return model
 
 

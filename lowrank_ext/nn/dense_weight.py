@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import reference
-from .truncation import _check_allow_larger, _check_rank, _truncated_svd, factorize
+from .transaction import all_or_nothing
+from .truncation import _check_allow_larger, _check_rank, _truncated_svd, check_matrix, factorize
 
 __all__ = ["DenseView", "DenseWeight"]
 
@@ -197,27 +198,21 @@ class DenseWeight(nn.Module):
         Parameters (requires_grad kept): re-create optimizers, which hold the old ones.
 
         Raises TypeError (weight not a floating-point tensor, allow_larger not a bool),
-        ValueError (wrong shape, NaN/inf, rank or energy out of range or both given, a rank
-        above the break-even rank without allow_larger: `LargerThanDenseError`), RuntimeError
-        (a layer with frozen components from grow/freeze). On error the module is unchanged.
+        ValueError (wrong shape, NaN/inf, on the meta device or not dense, rank or energy out
+        of range or both given, a rank above the break-even rank without allow_larger:
+        `LargerThanDenseError`), RuntimeError (a layer with frozen components from
+        grow/freeze). A zero weight has energy rank 1. On any error, also one while the factors
+        are written, the module is unchanged (`lowrank_ext.nn.transaction`).
         """
         kind = type(self).__name__
         _check_allow_larger(allow_larger)
-        if not torch.is_tensor(weight):
-            raise TypeError(f"argument 'weight' must be a tensor, got {type(weight).__name__}")
-        if not weight.is_floating_point():
-            raise TypeError(
-                f"argument 'weight' must be a real floating-point tensor, got {weight.dtype}"
-            )
+        weight = check_matrix(weight, "argument 'weight'").detach()
         shape = tuple(self._weight_shape())
         if tuple(weight.shape) != shape:
             raise ValueError(
                 f"argument 'weight' must have the shape of {kind}.weight, {shape}, got "
                 f"{tuple(weight.shape)}"
             )
-        weight = weight.detach()
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("argument 'weight' holds NaN or inf")
         if self.frozen_rank:
             raise RuntimeError(
                 f"set_weight: this {kind} has {self.frozen_rank} frozen components "
@@ -229,13 +224,15 @@ class DenseWeight(nn.Module):
         else:
             rank, U, sigma, V = factorize(matrix, rank, energy, self.core, allow_larger)
             rank = _check_rank(rank, self.in_features, self.out_features)
-        if rank != self.rank:
-            shapes = {
-                "U": (self.out_features, rank),
-                "S": self._core_shape(rank),
-                "V": (self.in_features, rank),
-            }
-            for name, shape in shapes.items():
-                old = getattr(self, name)
-                setattr(self, name, nn.Parameter(old.new_empty(shape), old.requires_grad))
-        self._copy_svd(U, sigma, V, None)
+        # U, V, S are written one after the other (in place at the same rank): all or nothing.
+        with all_or_nothing(self, values=[self]):
+            if rank != self.rank:
+                shapes = {
+                    "U": (self.out_features, rank),
+                    "S": self._core_shape(rank),
+                    "V": (self.in_features, rank),
+                }
+                for name, shape in shapes.items():
+                    old = getattr(self, name)
+                    setattr(self, name, nn.Parameter(old.new_empty(shape), old.requires_grad))
+            self._copy_svd(U, sigma, V, None)

@@ -21,9 +21,10 @@ from torch import nn
 
 from .. import linalg, ops
 from . import checkpoint
-from .checkpoint import FACTORS as _FACTORS  # noqa: F401 (training.growth imports both)
-from .checkpoint import FROZEN as _FROZEN
+from .checkpoint import FACTORS as _FACTORS
+from .checkpoint import FROZEN as _FROZEN  # training.growth imports it from here
 from .dense_weight import DenseWeight
+from .transaction import all_or_nothing
 from .truncation import _CORES, _check_rank
 
 
@@ -31,6 +32,17 @@ def _check_features(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"argument '{name}' must be a positive int, got {value!r}")
     return value
+
+
+def _check_dtype(dtype) -> None:
+    """The factors are trained and run by the float kernels: a real floating dtype (or None)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            "argument 'dtype' must be a real floating-point torch.dtype (float32, float64, "
+            f"float16, bfloat16) or None, got {dtype!r}"
+        )
 
 
 def _random_orthonormal(
@@ -55,6 +67,7 @@ class FactoredModule(DenseWeight):
         rank: r, in [1, min(in_features, out_features)].
         bias: learn an additive bias of out_features entries.
         core: "diag" (S is a vector of r scales) or "full" (S is a trainable r×r matrix).
+        device, dtype: of the factors; dtype a real floating torch.dtype (TypeError otherwise).
 
     Parameters U (out, r) and V (in, r) start orthonormal and S at √(out / (3r)), so that
     ‖W‖_F² = out/3 as for nn.Linear's default init; the bias is initialized as nn.Linear's. The
@@ -92,6 +105,7 @@ class FactoredModule(DenseWeight):
         rank = _check_rank(rank, in_features, out_features)
         if core not in _CORES:
             raise ValueError(f"argument 'core' must be one of {_CORES}, got {core!r}")
+        _check_dtype(dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.core = core
@@ -185,7 +199,9 @@ class FactoredModule(DenseWeight):
 
         Replaces the parameters U, V and S with new tensors (the bias is kept): tell optimizers,
         e.g. with `lowrank_ext.training.successive.update_optimizer`. Only core="diag" layers
-        grow: one singular pair (u, σ, v) is learned at a time. On error the layer is left
+        grow: one singular pair (u, σ, v) is learned at a time. Raises RuntimeError, naming the
+        layer and the tensor, for factors on the meta device (no values yet) or holding NaN/inf
+        (a diverged training: their SVD would fail or spread NaN). On error the layer is left
         unchanged.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -210,12 +226,34 @@ class FactoredModule(DenseWeight):
         """
         self._refine(0, freeze_scales, 0.0, None)
 
-    def _refine(self, k, freeze_scales, scale_init, generator) -> None:
+    def _refine_problem(self) -> str | None:
+        """Why this layer cannot grow or freeze now, or None (grow_model asks every layer first)."""
+        where = f"{type(self).__name__}({self._repr_shape()})"
         if self.core != "diag":
-            raise RuntimeError(
+            return (
                 "grow/freeze need core='diag' (one scale per singular pair); this layer has "
                 f"core={self.core!r}"
             )
+        for name in (*_FACTORS, *_FROZEN):
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            if tensor.is_meta:
+                return (
+                    f"{name} of this {where} is on the meta device and holds no values: load a "
+                    "state dict (after to_empty) before growing it"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                return (
+                    f"{name} of this {where} holds NaN or inf (the training diverged?); its SVD "
+                    "cannot rotate the components it would freeze"
+                )
+        return None
+
+    def _refine(self, k, freeze_scales, scale_init, generator) -> None:
+        problem = self._refine_problem()
+        if problem is not None:
+            raise RuntimeError(f"{'grow' if k else 'freeze'}: {problem}")
         if not isinstance(freeze_scales, bool):
             raise TypeError(f"argument 'freeze_scales' must be a bool, got {freeze_scales!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -240,8 +278,9 @@ class FactoredModule(DenseWeight):
             "V": nn.Parameter(new_V.to(**to)) if k else None,
             "S": nn.Parameter(trainable_scales.to(**to)) if trainable_scales.numel() else None,
         }
-        for name, tensor in new.items():
-            setattr(self, name, tensor)
+        with all_or_nothing(self):
+            for name, tensor in new.items():
+                setattr(self, name, tensor)
 
     def _frozen_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All r components in float64 with the active block rotated to its SVD (W unchanged).

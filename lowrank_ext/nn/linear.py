@@ -77,8 +77,10 @@ class LowRankLinear(FactoredModule):
         `allow_larger=True`.
 
         Returns a LowRankLinear with linear's dtype and device. Raises TypeError (not an
-        nn.Linear), ValueError (rank/energy out of range or both given, a rank above the
-        break-even rank without allow_larger).
+        nn.Linear, a weight that is not real floating point), ValueError (rank/energy out of
+        range or both given, a rank above the break-even rank without allow_larger; a weight
+        that is lazy, on the meta device, not dense, or holds NaN/inf, which the SVD would
+        spread to every output). A zero weight has energy rank 1 (`energy_rank`).
         """
         if not isinstance(linear, nn.Linear):
             hint = " (use from_conv1d for a transformers Conv1D)" if is_conv1d(linear) else ""
@@ -86,7 +88,8 @@ class LowRankLinear(FactoredModule):
                 f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}{hint}"
             )
         weight = linear.weight
-        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger)
+        what = "the weight of argument 'linear'"
+        rank, U, sigma, V = factorize(weight, rank, energy, core, allow_larger, what)
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -130,15 +133,17 @@ class LowRankLinear(FactoredModule):
         rank min(nx, nf) (which needs allow_larger). A rank above the break-even rank (see
         from_linear) raises `LargerThanDenseError` unless `allow_larger=True`.
 
-        Raises TypeError when `conv1d` is not a Conv1D, ValueError when its weight is lazy, not
-        2-D or not (nx, nf), the rank is out of range or above the break-even rank.
+        Raises TypeError when `conv1d` is not a Conv1D or its weight not real floating point,
+        ValueError when its weight is lazy, on the meta device, not 2-D or not (nx, nf), holds
+        NaN/inf, or the rank is out of range or above the break-even rank.
         """
         if not is_conv1d(conv1d):
             raise TypeError(
                 f"argument 'conv1d' must be a transformers Conv1D, got {type(conv1d).__name__}"
             )
         matrix = conv1d_matrix(conv1d, "argument 'conv1d'")
-        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger)
+        what = "the weight of argument 'conv1d'"
+        rank, U, sigma, V = factorize(matrix, rank, energy, core, allow_larger, what)
         module = cls(
             matrix.shape[1],
             matrix.shape[0],

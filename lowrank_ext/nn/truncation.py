@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from .. import linalg
+from .. import linalg, ops
 
 _CORES = ("diag", "full")
 
@@ -37,25 +38,75 @@ def _check_core(core) -> str:
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest k whose k largest singular values hold `energy` of Σσ² (energy in (0, 1])."""
-    if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+    """The smallest k whose k largest singular values hold `energy` of Σσ² (energy in (0, 1]).
+
+    The rule of every energy choice of a factorization (from_linear, from_conv2d, from_conv1d,
+    from_multihead_attention, convert, set_weight; OIALR's cut keeps one component of a zero
+    core likewise): a zero matrix (Σσ² = 0) has rank 1, the smallest a factorization can have,
+    whatever `energy`. σ is scaled by σ_max before squaring, so tiny matrices (σ of
+    1e-200) keep their energy split. Raises ValueError for an energy outside (0, 1] and for
+    singular values that are not finite or negative.
+    """
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
         raise ValueError(f"argument 'energy' must be a number in (0, 1], got {energy!r}")
-    power = singular_values.double() ** 2
+    sigma = singular_values.detach().double().flatten()
+    if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
+        raise ValueError("energy_rank: the singular values must be finite and >= 0")
+    largest = sigma.max() if sigma.numel() else sigma.new_zeros(())
+    if largest == 0:
+        return 1
+    power = (sigma.sort(descending=True).values / largest) ** 2
     fraction = torch.cumsum(power, 0) / power.sum()
     # The tolerance keeps energy=1.0 from landing past the end through rounding.
-    return int(torch.searchsorted(fraction, torch.tensor(energy - 1e-12, dtype=fraction.dtype))) + 1
+    target = torch.tensor(energy - 1e-12, dtype=fraction.dtype)
+    return min(int(torch.searchsorted(fraction, target)) + 1, sigma.numel())
+
+
+def check_matrix(weight, what: str) -> torch.Tensor:
+    """`weight`, checked to be something an SVD can factorize; errors start with `what`, which
+    names it ("the weight of argument 'linear'", "in_proj_weight of argument 'attention'", ...).
+
+    Raises TypeError (not a tensor, not real floating point) and ValueError (lazy, on the meta
+    device, not dense, holding NaN or inf: an SVD would spread them over every factor, so every
+    output of the layer would be NaN, or fail in LAPACK with a message naming nothing).
+    """
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{what} is lazy and not initialized: run a forward pass first")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(weight).__name__}")
+    if weight.is_meta:
+        raise ValueError(
+            f"{what} is on the meta device and holds no values: materialize it first "
+            "(to_empty, then load a state dict)"
+        )
+    kind = ops.tensor_kind(weight)
+    if kind is not None:
+        raise ValueError(f"{what} is {kind}; a dense (strided) weight is expected")
+    if not weight.is_floating_point():
+        raise TypeError(f"{what} must be a real floating-point tensor, got {weight.dtype}")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(weight).sum())
+        inf = weight.numel() - int(finite.sum()) - nan
+        raise ValueError(
+            f"{what} holds NaN or inf ({nan} NaN, {inf} inf of its {weight.numel()} entries); "
+            "a factorization would make every output NaN: fix or re-initialize the weight first"
+        )
+    return weight
 
 
 def _truncated_svd(
-    weight: torch.Tensor, rank: int | None, energy: float | None
+    weight: torch.Tensor, rank: int | None, energy: float | None, what: str = "argument 'weight'"
 ) -> tuple[int | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rank, U, σ, V) of the float64 SVD of the 2-D `weight`, untruncated.
 
     The rank is `rank` as given (the module's constructor checks it), or the smallest holding
-    `energy` of Σσ², or full rank when neither is given.
+    `energy` of Σσ² (`energy_rank`), or full rank when neither is given. `weight` is checked
+    first (`check_matrix`; errors start with `what`).
     """
     if rank is not None and energy is not None:
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
+    check_matrix(weight, what)
     U, sigma, Vh = linalg.svd(weight.detach().double())
     if energy is not None:
         rank = energy_rank(sigma, energy)
@@ -172,13 +223,15 @@ def factorize(
     energy: float | None,
     core: str,
     allow_larger: bool,
+    what: str = "argument 'weight'",
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_truncated_svd` of the 2-D `weight` (out, in), its rank checked against the module's
-    limits and the break-even rank (`check_size`); what from_* and set_weight use."""
+    limits and the break-even rank (`check_size`); what from_* and set_weight use. `what`
+    names the weight in errors (see `check_matrix`)."""
     _check_allow_larger(allow_larger)
     _check_core(core)
     how = chosen_by(rank, energy)
-    rank, U, sigma, V = _truncated_svd(weight, rank, energy)
+    rank, U, sigma, V = _truncated_svd(weight, rank, energy, what)
     out_features, in_features = weight.shape
     check_size(rank, in_features, out_features, core, allow_larger, how)
     return rank, U, sigma, V

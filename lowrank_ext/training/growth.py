@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..nn import LowRankConv2d, LowRankLinear
-from ..nn.factored import _FACTORS, _FROZEN
+from ..nn.factored import _FROZEN
+from ..nn.transaction import all_or_nothing
 
 # Layers that grow: both are FactoredModules, which hold the factor and growth code.
 LOW_RANK_LAYERS = (LowRankLinear, LowRankConv2d)
@@ -73,8 +74,10 @@ def grow_model(
     frozen (`LowRankLinear.freeze`), so its u, v parameter groups drop out of training, as in the
     poster. If `optimizer` is given it is updated in place (`update_optimizer`).
 
-    Raises ValueError if no layer can grow. On any error the model and the optimizer are left
-    exactly as they were.
+    Raises ValueError if no layer can grow, RuntimeError naming the layer when one cannot grow
+    (core="full", factors on the meta device or holding NaN/inf; checked before any changes).
+    On any error, also one in the last step, the model and the optimizer are left exactly as
+    they were (`lowrank_ext.nn.transaction`).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"argument 'k' must be a positive int, got {k!r}")
@@ -89,11 +92,19 @@ def grow_model(
             "argument 'model': every low-rank layer is at full rank min(in_features, "
             "out_features); nothing can grow"
         )
+    acting = {
+        name: layer
+        for name, layer in layers.items()
+        if room[name] or (freeze_capped and layer.active_rank)
+    }
+    for name, layer in acting.items():
+        problem = layer._refine_problem()
+        if problem is not None:
+            raise RuntimeError(f"grow_model: layer {name!r}: {problem}; nothing was changed")
     before = dict(model.named_parameters())
-    saved = {name: _layer_tensors(layer) for name, layer in layers.items()}
     grown, frozen = {}, []
-    try:
-        for name, layer in layers.items():
+    with all_or_nothing(model, optimizer):
+        for name, layer in acting.items():
             if room[name]:
                 layer.grow(
                     min(k, room[name]),
@@ -102,23 +113,13 @@ def grow_model(
                     generator=generator,
                 )
                 grown[name] = layer.rank
-            elif freeze_capped and layer.active_rank:
+            else:
                 layer.freeze(freeze_scales=freeze_scales)
                 frozen.append(name)
         removed, added = [], []
         if optimizer is not None:
             removed, added = update_optimizer(optimizer, before, dict(model.named_parameters()))
-    except BaseException:
-        for name, layer in layers.items():
-            for attr, tensor in saved[name].items():
-                setattr(layer, attr, tensor)
-        raise
     return Growth(grown, frozen, removed, added)
-
-
-def _layer_tensors(layer: LowRankLinear | LowRankConv2d) -> dict[str, torch.Tensor | None]:
-    """The tensor objects a growth replaces (kept by identity, so a restore is exact)."""
-    return {name: getattr(layer, name) for name in _FACTORS + _FROZEN}
 
 
 def update_optimizer(

@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import linalg
 from ..nn import convert
+from ..nn.transaction import all_or_nothing
 from . import oialr_history, optimizer_state
 from .oialr_checkpoint import STATE_VERSION, check_saved_ranks, check_state
 from .oialr_selection import (
@@ -187,6 +188,12 @@ class OIALR:
     # ---------------------------------------------------------------- conversion
 
     def _convert(self, carry_state: bool = True) -> None:
+        """Convert the selected modules and adopt the low-rank ones; all or nothing (model,
+        optimizer and this object's counters and history are restored on any error)."""
+        with all_or_nothing(self.model, self.optimizer, objects=[self]):
+            self._convert_unguarded(carry_state)
+
+    def _convert_unguarded(self, carry_state: bool) -> None:
         modules = dict(self.model.named_modules())
         missing = [name for name in self._to_convert + self._to_adopt if name not in modules]
         if missing:
@@ -242,17 +249,22 @@ class OIALR:
         kept = self._agree_on([plan[3] for plan in plans.values()])
         self._check_states([layer.S for layer in self._managed.values()])
         changed = False
-        for (name, layer), k in zip(self._managed.items(), kept):
-            P, sigma, Q, _ = plans[name]
-            changed |= k < sigma.numel()
-            self._rotate(layer, P[:, :k], sigma[:k], Q[:, :k])
-        self._broadcast_layers()
-        self.history.append(oialr_history.entry(self.model, steps, self.ranks()))
+        # Same-rank layers are written in place: their values are kept to restore too.
+        layers = list(self._managed.values())
+        with all_or_nothing(self.model, self.optimizer, values=layers, objects=[self]):
+            for (name, layer), k in zip(self._managed.items(), kept):
+                P, sigma, Q, _ = plans[name]
+                changed |= k < sigma.numel()
+                self._rotate(layer, P[:, :k], sigma[:k], Q[:, :k])
+            self._broadcast_layers()
+            self.history.append(oialr_history.entry(self.model, steps, self.ranks()))
         return changed
 
     def _kept(self, sigma: torch.Tensor) -> int:
         rank = sigma.numel()
-        above = int((sigma >= self.cutoff * sigma[0]).sum()) if rank else 0
+        # A zero core (σ_max = 0) holds no energy: as `lowrank_ext.nn.energy_rank`, one
+        # component counts, and max_drop and min_rank bound the cut as always.
+        above = int((sigma >= self.cutoff * sigma[0]).sum()) if rank and sigma[0] > 0 else 1
         floor = max(rank - int(self.max_drop * rank), min(self.min_rank, rank))
         return max(above, floor)
 
@@ -369,9 +381,10 @@ class OIALR:
     def load_state_dict(self, state: dict) -> None:
         """Take a saved state: convert the model and resize its layers to the saved ranks.
 
-        Call it before model.load_state_dict and optimizer.load_state_dict. Raises ValueError,
-        leaving everything as it was, when the checkpoint is malformed, was made with other
-        settings, or names layers this model does not have.
+        Call it before model.load_state_dict and optimizer.load_state_dict. Raises ValueError
+        when the checkpoint is malformed, was made with other settings, or names layers this
+        model does not have. On any error, also one in its last step, the model, the optimizer
+        and this OIALR are left as they were.
         """
         steps, converted, ranks, history = check_state(state, self.delay, self._config())
         if self.converted and not converted:
@@ -382,14 +395,16 @@ class OIALR:
             )
         if converted:
             check_saved_ranks(ranks, self._layer_limits())
-            if not self.converted:
-                self._convert(carry_state=False)
-            for name, rank in ranks.items():
-                layer = self._managed[name]
-                if layer.rank != rank:
-                    self._resize(layer, rank)
-        self.steps = steps
-        self.history = history
+        with all_or_nothing(self.model, self.optimizer, objects=[self]):
+            if converted:
+                if not self.converted:
+                    self._convert(carry_state=False)
+                for name, rank in ranks.items():
+                    layer = self._managed[name]
+                    if layer.rank != rank:
+                        self._resize(layer, rank)
+            self.steps = steps
+            self.history = history
 
     def _config(self) -> dict:
         return {
