@@ -610,3 +610,27 @@ def test_non_finite_weights_name_the_layer(bad):
 def test_bad_tolerances(kwargs, match):
     with pytest.raises(ValueError, match=match):
         spectral.analyze(torch.eye(3), **kwargs)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_row_metrics_do_not_depend_on_the_weight_scale(scale):
+    # σ² of 1e-200 (1e200) under- (over-)flows in float64: stable rank, Frobenius norm, the
+    # Marchenko–Pastur edge and the energy ranks are computed from σ/σ_max instead.
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8, dtype=torch.float64)
+    sigma = torch.linalg.svdvals(weight)
+
+    def model(w):
+        layer = torch.nn.Linear(8, 6, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        head = torch.nn.Linear(6, 3, dtype=torch.float64)  # the output layer: not suggested
+        return torch.nn.Sequential(layer, torch.nn.ReLU(), head)
+
+    row = spectral.analyze(model(weight * scale)).rows[0]
+    expected_stable = float((sigma**2).sum() / sigma[0] ** 2)
+    assert row.stable_rank == pytest.approx(expected_stable, rel=1e-12)
+    assert row.frobenius_norm / scale == pytest.approx(float(torch.linalg.norm(weight)), rel=1e-12)
+    power = torch.cumsum(sigma**2, 0) / (sigma**2).sum()
+    assert row.energy_rank_90 == int((power < 0.9).sum()) + 1
+    assert spectral.suggest_ranks(model(weight * scale)) == {"0": row.energy_rank_90}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import linalg
+from ..nn.truncation import energy_rank
 from .loading import (
     _check_factors,
     _effective,
@@ -22,7 +23,6 @@ from .loading import (
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SVD_DTYPES = (torch.float32, torch.float64)
-_ENERGY_ROUNDING = 1e-12  # keeps energy=1.0 from landing past the end through rounding
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,10 @@ def _singular_values(
 
 
 def _energy_rank(sigma: torch.Tensor, energy: float) -> int:
-    power = sigma**2
-    total = power.sum()
-    if total == 0:
+    # The report shows 0 for a zero matrix; otherwise the package's one rule (nn.energy_rank).
+    if not bool((sigma != 0).any()):
         return 0
-    fraction = torch.cumsum(power, 0) / total
-    target = torch.tensor(energy - _ENERGY_ROUNDING, dtype=fraction.dtype)
-    return min(int(torch.searchsorted(fraction, target)) + 1, sigma.numel())
+    return energy_rank(sigma, energy)
 
 
 def _effective_rank(sigma: torch.Tensor) -> float:
@@ -185,14 +182,15 @@ def _spectrum(
     # σ_min and the condition number over the values the layer can hold (a factored layer's
     # other min(N, M) − r singular values are zero by construction, not by collapse).
     sigma_max, sigma_min = float(sigma[0]), float(sigma[full_rank - 1])
-    power = float((sigma**2).sum())
-    frobenius = math.sqrt(power)
+    # Squares of σ scaled by σ_max: σ of 1e-200 (or 1e200) would under- (over-)flow in float64.
+    relative_power = float(((sigma / sigma_max) ** 2).sum()) if sigma_max > 0 else 0.0
+    frobenius = sigma_max * math.sqrt(relative_power)
     numerical_tol = _numerical_tol(sigma_max, frobenius, shape, [weight_dtypes[0], svd_dtype])
     hard_tol = max(rtol * sigma_max, atol, numerical_tol)
     hard_rank = int((sigma > hard_tol).sum())
     collapsed_fraction = 1.0 - min(hard_rank, full_rank) / full_rank
     long_side, short_side = max(shape), min(shape)
-    mp_edge = math.sqrt(power / (long_side * short_side)) * (
+    mp_edge = frobenius / math.sqrt(long_side * short_side) * (
         math.sqrt(long_side) + math.sqrt(short_side)
     )
     return LayerSpectrum(
@@ -211,7 +209,7 @@ def _spectrum(
         numerical_rank=int((sigma > numerical_tol).sum()),
         hard_tol=hard_tol,
         hard_rank=hard_rank,
-        stable_rank=power / sigma_max**2 if sigma_max > 0 else 0.0,
+        stable_rank=relative_power,
         effective_rank=_effective_rank(sigma),
         energy_rank_90=_energy_rank(sigma, 0.9),
         energy_rank_99=_energy_rank(sigma, 0.99),

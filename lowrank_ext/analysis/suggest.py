@@ -17,7 +17,8 @@ from torch import nn
 from ..nn.convert import _selected
 from ..nn.hf_conv1d import conv1d_matrix, is_conv1d
 from .loading import _dense, _Layer, _read_only
-from .metrics import _check_real, _energy_rank, _spectrum
+from ..nn.truncation import energy_rank
+from .metrics import _check_real, _spectrum
 from .report import SpectralReport
 
 __all__ = ["suggest_ranks"]
@@ -89,7 +90,7 @@ def suggest_ranks(
 
 
 def _rank(singular_values: torch.Tensor, energy: float) -> int:
-    return max(1, _energy_rank(singular_values, energy))
+    return energy_rank(singular_values, energy)
 
 
 def _matrix_rank(name: str, matrix: torch.Tensor, energy: float) -> int:
