@@ -114,7 +114,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path}: IDX header gives shape {shape} ({expected:,} values) but the file holds "
             f"{len(raw) - header:,} (truncated or corrupt)"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
 
 
 def _candidates(root: str | Path | None, subfolder: str) -> list[Path]:
@@ -191,7 +191,9 @@ def mnist(root: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndar
     wheel = _find_wheel(root)
     if wheel is None:
         searched = ", ".join(str(p) for p in _candidates(root, "mnist"))
-        raise DataMissingError(f"MNIST ({MNIST_WHEEL}) not found (searched {searched}): {MNIST_HOWTO}")
+        raise DataMissingError(
+            f"MNIST ({MNIST_WHEEL}) not found (searched {searched}): {MNIST_HOWTO}"
+        )
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile as error:
@@ -210,7 +212,9 @@ def _read_csv(archive: zipfile.ZipFile, wheel: Path, split: str) -> tuple[np.nda
     header, _, body = raw.partition(b"\n")
     columns = 1 + SIDE * SIDE
     if len(header.split(b",")) != columns:
-        raise ValueError(f"{where}: header has {len(header.split(b','))} columns, expected {columns}")
+        raise ValueError(
+            f"{where}: header has {len(header.split(b','))} columns, expected {columns}"
+        )
     # numpy's C parser for separated text; rows are joined into one comma-separated stream.
     text = body.replace(b"\r", b"").strip().replace(b"\n", b",").decode("ascii")
     values = np.fromstring(text, dtype=np.int32, sep=",")
