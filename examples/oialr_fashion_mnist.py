@@ -70,7 +70,12 @@ STUDIES = (
 )
 FULL = {
     "seeds": 3,
-    "epochs": {"MLP": 6, "ViT": 1, "CNN": 1, "MNIST MLP": 4},
+    "epochs": {
+        "fashion-mnist:MLP": 6,
+        "fashion-mnist:ViT": 1,
+        "mnist:MLP": 4,
+        "fashion-mnist:CNN": 1,
+    },
     "train_size": None,  # all 55,000
     "val_size": None,  # all 5,000
     "test_size": None,  # all 10,000
@@ -83,7 +88,12 @@ FULL = {
 }
 QUICK = {
     "seeds": 1,
-    "epochs": {"MLP": 2, "ViT": 1, "CNN": 1, "MNIST MLP": 2},
+    "epochs": {
+        "fashion-mnist:MLP": 2,
+        "fashion-mnist:ViT": 1,
+        "mnist:MLP": 2,
+        "fashion-mnist:CNN": 1,
+    },
     "train_size": 2048,
     "val_size": 1000,
     "test_size": 2000,
@@ -341,7 +351,7 @@ def rebuild_w_copy_or_none():
 
 
 def run_study(dataset: str, name: str, data: dict, config: dict, log) -> dict:
-    epochs = config["epochs"]["MNIST MLP" if dataset == "mnist" else name]
+    epochs = config["epochs"][f"{dataset}:{name}"]
     started = time.perf_counter()
     runs, finals = [], None
     for seed in range(config["seeds"]):
@@ -422,16 +432,28 @@ def ranks_cell(study: dict) -> str:
     )
 
 
+def run_line(run: dict) -> str:
+    """When, where, how and under what load one invocation ran."""
+    quick = " QUICK MODE (a pipeline check, not results)." if run["quick"] else ""
+    wall = f", {run['wall_seconds'] / 60:.1f} min wall" if "wall_seconds" in run else ""
+    return (
+        f"`{run['command']}` — {run['date']}, {run['machine']}, torch {run['torch']}; load "
+        f"average (1, 5, 15 min) at start {run['load_start']}, at end "
+        f"{run.get('load_end', '?')}{wall}.{quick}"
+    )
+
+
 def markdown(results: dict) -> str:
     config = results["config"]
+    test = "10,000" if config["test_size"] is None else f"{config['test_size']:,}"
+    first = results["studies"][0]["runs"][0]
     lines = [
-        f"{results['date']}; {results['machine']}; torch {results['torch']}; load average at "
-        f"start {results['load_start']}, at end {results.get('load_end', '?')}.",
-        f"Command: `{results['command']}`.{' QUICK MODE (a pipeline check, not results).' if results['quick'] else ''}",
-        f"{config['seeds']} seed(s); AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}, batch {BATCH}; "
-        f"OIALR cutoff {CUTOFF}, max drop {MAX_DROP}, delay {config['delay_fraction']:.3f} and "
-        f"frequency {config['frequency_fraction']:.3f} of the training steps. Test accuracy on "
-        f"{'10,000' if config['test_size'] is None else config['test_size']} test images, mean ± sd.",
+        *(f"Run: {run_line(run)}" for run in [results, *results.get("merged", [])]),
+        f"{config['seeds']} seed(s); AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}, "
+        f"batch {BATCH}; OIALR cutoff {CUTOFF}, max drop {MAX_DROP}, delay "
+        f"{first['delay'] / first['steps']:.3f} and frequency "
+        f"{first['frequency'] / first['steps']:.3f} of the "
+        f"training steps. Test accuracy on {test} test images, mean ± sd over seeds.",
         "",
         "| data | model | epochs (steps) | dense acc | OIALR acc | OIALR − dense (points) "
         "| trainable % at ¼, ½, ¾ of training | trainable % at the end | final ranks (per seed) |",
@@ -492,8 +514,6 @@ def markdown(results: dict) -> str:
             f"before the conversion, per seed: {gaps}; " + "; ".join(study["notes"])
         )
     lines += ["", *(f"- {note}" for note in notes)]
-    if "wall_seconds" in results:
-        lines.append(f"- Whole study wall time: {results['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 
 
@@ -554,7 +574,7 @@ def draw_figures(results: dict, out: Path) -> list[Path]:
         )
     ax.axhline(20, color="black", linestyle=":", linewidth=1, label="target 20 %")
     ax.axvline(
-        results["config"]["delay_fraction"],
+        run["delay"] / run["steps"],
         color="grey",
         linestyle="--",
         linewidth=1,
@@ -600,15 +620,35 @@ def main(argv: list[str] | None = None) -> dict:
         help="which of " + " ".join(f"{d}:{m}" for d, m in STUDIES),
     )
     parser.add_argument("--seeds", type=int, help="number of seeds (3)")
+    parser.add_argument(
+        "--epochs",
+        nargs="+",
+        default=[],
+        metavar="STUDY=N",
+        help="epochs of a study, e.g. mnist:MLP=2 (full: "
+        + ", ".join(f"{k}={v}" for k, v in FULL["epochs"].items())
+        + ")",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out" / "oialr_fashion_mnist")
     parser.add_argument("--figures", type=Path, help="also write the figures here (palette PNGs)")
     parser.add_argument("--replot", action="store_true", help="tables and figures from OUT's json")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="with --replot: append the studies of these other runs' json files",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "oialr_fashion_mnist.json"
     if args.replot:
         results = json.loads(saved.read_text())
+        for other in args.merge:
+            extra = json.loads(other.read_text())
+            results["studies"] += extra.pop("studies")
+            results.setdefault("merged", []).append(extra)
         report(results, args.out, args.figures)
         return results
     unknown = [s for s in args.studies if tuple(s.split(":")) not in STUDIES]
@@ -618,6 +658,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = copy.deepcopy(QUICK if args.quick else FULL)
     if args.seeds is not None:
         config["seeds"] = args.seeds
+    for item in args.epochs:
+        study, _, value = item.partition("=")
+        if study not in config["epochs"] or not value.isdigit() or int(value) < 1:
+            parser.error(
+                f"argument --epochs: expected STUDY=N with STUDY in {list(FULL['epochs'])}, got {item!r}"
+            )
+        config["epochs"][study] = int(value)
     started = time.perf_counter()
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
