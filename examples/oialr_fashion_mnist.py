@@ -23,8 +23,8 @@ training time is the sum of its steps (OIALR's including `oialr.step()`). At the
 final dense and OIALR models and `bench/rebuild_w.py`'s copy of the OIALR model (the paper's
 reference style, rebuilding W = U S Vᵀ every forward) are timed round-robin on one batch.
 
-    python examples/oialr_fashion_mnist.py                        # the full study (~25 min of one core)
-    python examples/oialr_fashion_mnist.py --quick                # a check of the pipeline (<1 min)
+    python examples/oialr_fashion_mnist.py            # the full study (~25 min of one core)
+    python examples/oialr_fashion_mnist.py --quick    # a check of the pipeline (<1 min idle)
     python examples/oialr_fashion_mnist.py --replot --figures docs/figures
 
 Writes oialr_fashion_mnist.json, .md (the tables) and figures fashion_mnist_oialr_*.png to
@@ -40,7 +40,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -164,7 +163,7 @@ MODELS = {"MLP": MLP, "CNN": CNN, "ViT": ViT}
 
 
 def load(dataset: str, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """train/val/test as float32 (n, 1, 28, 28) standardized by the training pixels, int64 labels."""
+    """train/val/test: float32 (n, 1, 28, 28) standardized by the training pixels, int64 labels."""
     raw = LOADERS[dataset]()
     images, labels = raw["train"]
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
@@ -359,10 +358,12 @@ def run_study(dataset: str, name: str, data: dict, config: dict, log) -> dict:
         runs.append(record)
         finals = finals or models
         log(
-            f"{dataset} {name} seed {seed}: test accuracy dense {record['test_accuracy']['dense']:.4f}"
+            f"{dataset} {name} seed {seed}: test accuracy dense "
+            f"{record['test_accuracy']['dense']:.4f}"
             f" OIALR {record['test_accuracy']['oialr']:.4f}, trainable "
             f"{100 * record['final_trainable_fraction']:.1f} %, training s dense "
-            f"{record['training_seconds']['dense']:.0f} OIALR {record['training_seconds']['oialr']:.0f}"
+            f"{record['training_seconds']['dense']:.0f} OIALR "
+            f"{record['training_seconds']['oialr']:.0f}"
             f" ({time.perf_counter() - started:.0f} s so far)"
         )
     timed = {key: copy.deepcopy(model) for key, model in finals.items()}
@@ -437,7 +438,8 @@ def run_line(run: dict) -> str:
     quick = " QUICK MODE (a pipeline check, not results)." if run["quick"] else ""
     wall = f", {run['wall_seconds'] / 60:.1f} min wall" if "wall_seconds" in run else ""
     return (
-        f"`{run['command']}` — {run['date']}, {run['machine']}, torch {run['torch']}; load "
+        f"`{run['command']}` — {run['date']}, {run['machine']}, torch "
+        f"{run.get('torch', torch.__version__)}; load "
         f"average (1, 5, 15 min) at start {run['load_start']}, at end "
         f"{run.get('load_end', '?')}{wall}.{quick}"
     )
@@ -466,12 +468,13 @@ def markdown(results: dict) -> str:
             fmt([fraction_at(r["trainable_events"], q * total // 4) for r in runs], 100, 1)
             for q in (1, 2, 3)
         ]
+        gains = [r["test_accuracy"]["oialr"] - r["test_accuracy"]["dense"] for r in runs]
         lines.append(
             f"| {study['dataset']} | {study['model']} | {study['epochs']} ({total}) | "
             f"{fmt(r['test_accuracy']['dense'] for r in runs)} | "
             f"{fmt(r['test_accuracy']['oialr'] for r in runs)} | "
-            f"{fmt([r['test_accuracy']['oialr'] - r['test_accuracy']['dense'] for r in runs], 100, 2)} | "
-            f"{' / '.join(quarters)} | {fmt([r['final_trainable_fraction'] for r in runs], 100, 1)} | "
+            f"{fmt(gains, 100, 2)} | {' / '.join(quarters)} | "
+            f"{fmt([r['final_trainable_fraction'] for r in runs], 100, 1)} | "
             f"{ranks_cell(study)} |"
         )
     lines += [
@@ -484,7 +487,8 @@ def markdown(results: dict) -> str:
         "`bench/rebuild_w.py`, the paper's reference style.",
         "",
         "| data | model | step ms dense / OIALR (ratio), training | training run s dense / OIALR "
-        "(ratio) | OIALR updates s | end: dense ms | end: OIALR ms | end: rebuild-W ms | study wall s |",
+        "(ratio) | OIALR updates s | end: dense ms | end: OIALR ms | end: rebuild-W ms "
+        "| study wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for study in results["studies"]:
@@ -499,9 +503,12 @@ def markdown(results: dict) -> str:
             for key in ("dense", "oialr", "rebuild_w")
         ]
         lines.append(
-            f"| {study['dataset']} | {study['model']} | {fmt([s['dense'] for s in steps], digits=2)} / "
-            f"{fmt([s['oialr'] for s in steps], digits=2)} ({fmt([s['oialr_over_dense'] for s in steps], digits=2)}) | "
-            f"{fmt([s['dense'] for s in seconds], digits=0)} / {fmt([s['oialr'] for s in seconds], digits=0)} "
+            f"| {study['dataset']} | {study['model']} | "
+            f"{fmt([s['dense'] for s in steps], digits=2)} / "
+            f"{fmt([s['oialr'] for s in steps], digits=2)} "
+            f"({fmt([s['oialr_over_dense'] for s in steps], digits=2)}) | "
+            f"{fmt([s['dense'] for s in seconds], digits=0)} / "
+            f"{fmt([s['oialr'] for s in seconds], digits=0)} "
             f"({fmt([s['oialr'] / s['dense'] for s in seconds], digits=2)}) | "
             f"{fmt([s['oialr_updates'] for s in seconds], digits=1)} | {' | '.join(end)} | "
             f"{study['wall_seconds']:.0f} |"
@@ -510,7 +517,8 @@ def markdown(results: dict) -> str:
     for study in results["studies"]:
         gaps = [r.get("gap_before_conversion") for r in study["runs"]]
         notes.append(
-            f"{study['dataset']} {study['model']}: largest |dense − OIALR| parameter difference just "
+            f"{study['dataset']} {study['model']}: largest |dense − OIALR| parameter difference "
+            "just "
             f"before the conversion, per seed: {gaps}; " + "; ".join(study["notes"])
         )
     lines += ["", *(f"- {note}" for note in notes)]
@@ -590,20 +598,28 @@ def draw_figures(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def report(results: dict, out: Path, figures: Path | None) -> None:
-    table = markdown(results)
-    (out / "oialr_fashion_mnist.md").write_text(table + "\n")
-    print(table)
-    for path in draw_figures(results, out):
+def copy_figures(paths: list[Path], figures: Path | None) -> None:
+    """Print each path; copy it to `figures` (if given) as a 256-colour palette PNG, a third of
+    the size with the same look."""
+    for path in paths:
+        print("wrote", path)
         if figures is not None:
             from PIL import Image  # matplotlib's own dependency
 
             figures.mkdir(parents=True, exist_ok=True)
-            # a 256-colour palette PNG: a third of the size, the same look
-            Image.open(path).convert("RGB").quantize(colors=256).save(
-                figures / path.name, optimize=True
-            )
-        print("wrote", path)
+            image = Image.open(path).convert("RGB").quantize(colors=256)
+            image.save(figures / path.name, optimize=True)
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+
+
+def report(results: dict, out: Path, figures: Path | None) -> None:
+    table = markdown(results)
+    (out / "oialr_fashion_mnist.md").write_text(table + "\n")
+    print(table)
+    copy_figures(draw_figures(results, out), figures)
 
 
 def load_average() -> str:
@@ -662,13 +678,14 @@ def main(argv: list[str] | None = None) -> dict:
         study, _, value = item.partition("=")
         if study not in config["epochs"] or not value.isdigit() or int(value) < 1:
             parser.error(
-                f"argument --epochs: expected STUDY=N with STUDY in {list(FULL['epochs'])}, got {item!r}"
+                f"argument --epochs: expected STUDY=N with STUDY in {list(FULL['epochs'])}, "
+                f"got {item!r}"
             )
         config["epochs"][study] = int(value)
     started = time.perf_counter()
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
+        "machine": machine(),
         "torch": torch.__version__,
         "command": "python examples/oialr_fashion_mnist.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),

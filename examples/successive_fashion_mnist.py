@@ -30,9 +30,6 @@ import copy
 import datetime
 import json
 import math
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,10 +49,13 @@ from oialr_fashion_mnist import (  # noqa: E402  (the sibling study: model, data
     MLP,
     WEIGHT_DECAY,
     accuracy,
+    copy_figures,
     fmt,
     load,
     load_average,
+    machine,
     mean_sd,
+    run_line,
 )
 
 FULL = {
@@ -218,20 +218,20 @@ def markdown(saved: dict) -> str:
     accuracy_by_rank = by_rank(results, "test_accuracy")
     val_by_rank = by_rank(results, "val_loss")
     lines = [
-        f"{saved['date']}; {saved['machine']}; torch {torch.__version__}; load average at start "
-        f"{saved['load_start']}, at end {saved.get('load_end', '?')}.",
-        f"Command: `{saved['command']}`.{' QUICK MODE (a pipeline check, not results).' if saved['quick'] else ''}",
+        f"Run: {run_line(saved)}",
         f"Fashion-MNIST MLP 784→1024→1024→10, {len(results)} seed(s), AdamW lr {LEARNING_RATE} "
         f"weight decay {WEIGHT_DECAY}, batch {BATCH}; successive: rank +1 every "
         f"{config['epochs_per_rank']} epoch(s) up to {config['max_rank']}; dense: "
         f"{config['dense_epochs']} epochs. Test accuracy, mean ± sd.",
         "",
-        "| model | test accuracy | validation cross-entropy | change of the validation loss vs the rank before |",
+        "| model | test accuracy | validation cross-entropy "
+        "| change of the validation loss vs the rank before |",
         "|---|---|---|---|",
         f"| dense, best-validation epoch ({fmt([d['best_epoch'] + 1 for d in dense], digits=1)}) | "
         f"{fmt(d['best_test_accuracy'] for d in dense)} | "
         f"{fmt(min(e['val_loss'] for e in d['epochs']) for d in dense)} | |",
-        f"| dense, last epoch ({config['dense_epochs']}) | {fmt(d['final_test_accuracy'] for d in dense)} | "
+        f"| dense, last epoch ({config['dense_epochs']}) | "
+        f"{fmt(d['final_test_accuracy'] for d in dense)} | "
         f"{fmt(d['epochs'][-1]['val_loss'] for d in dense)} | |",
     ]
     for rank in accuracy_by_rank:
@@ -247,7 +247,8 @@ def markdown(saved: dict) -> str:
                 + " %"
             )
         lines.append(
-            f"| successive, rank {rank} | {fmt(accuracy_by_rank[rank])} | {fmt(val_by_rank[rank])} | {change} |"
+            f"| successive, rank {rank} | {fmt(accuracy_by_rank[rank])} | "
+            f"{fmt(val_by_rank[rank])} | {change} |"
         )
     noise = [s["noise_rank"] for s in successive]
     at_noise = [s["by_rank"][str(s["noise_rank"])]["test_accuracy"] for s in successive]
@@ -257,7 +258,8 @@ def markdown(saved: dict) -> str:
         f"{NOISE_MIN_DELTA:.0%} of the best so far, confirmed by {NOISE_PATIENCE} ranks without): "
         f"per seed {noise} ({sum(s['noise_rank_confirmed'] for s in successive)}/{len(noise)} "
         f"confirmed); test accuracy there {fmt(at_noise)}.",
-        f"- Training time (wall s, shared machine): dense {fmt([d['seconds'] for d in dense], digits=0)}; "
+        "- Training time (wall s, shared machine): dense "
+        f"{fmt([d['seconds'] for d in dense], digits=0)}; "
         f"successive, all ranks {fmt([s['seconds'] for s in successive], digits=0)}. Trainable "
         f"parameters at rank {config['max_rank']}: {successive[0]['trainable_at_max_rank']:,} "
         f"(dense: {sum(p.numel() for p in MLP().parameters()):,}).",
@@ -362,15 +364,7 @@ def report(saved: dict, out: Path, figures: Path | None) -> None:
     table = markdown(saved)
     (out / "successive_fashion_mnist.md").write_text(table + "\n")
     print(table)
-    for path in draw_figures(saved, out):
-        if figures is not None:
-            from PIL import Image  # matplotlib's own dependency
-
-            figures.mkdir(parents=True, exist_ok=True)
-            Image.open(path).convert("RGB").quantize(colors=256).save(
-                figures / path.name, optimize=True
-            )
-        print("wrote", path)
+    copy_figures(draw_figures(saved, out), figures)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -400,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     saved = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
+        "machine": machine(),
+        "torch": torch.__version__,
         "command": "python examples/successive_fashion_mnist.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "quick": args.quick,
@@ -413,13 +408,15 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(config["seeds"]):
         dense = train_dense(seed, data, config)
         print(
-            f"[{time.perf_counter() - started:6.0f} s, load {load_average()}] seed {seed} dense: test "
-            f"accuracy best epoch {dense['best_test_accuracy']:.4f}, last {dense['final_test_accuracy']:.4f}",
+            f"[{time.perf_counter() - started:6.0f} s, load {load_average()}] seed {seed} dense: "
+            f"test accuracy best epoch {dense['best_test_accuracy']:.4f}, "
+            f"last {dense['final_test_accuracy']:.4f}",
             flush=True,
         )
         successive = train_successive(seed, data, config, args.out)
         print(
-            f"[{time.perf_counter() - started:6.0f} s, load {load_average()}] seed {seed} successive: "
+            f"[{time.perf_counter() - started:6.0f} s, load {load_average()}] seed {seed} "
+            "successive: "
             f"noise rank {successive['noise_rank']}, test accuracy by rank "
             + " ".join(f"{r}:{v['test_accuracy']:.3f}" for r, v in successive["by_rank"].items()),
             flush=True,

@@ -86,7 +86,7 @@ def test_missing_data_says_how_to_get_it(tmp_path):
 
 
 def test_fashion_mnist_files_of_the_wrong_shape_are_refused(tmp_path):
-    for split, (image_name, label_name) in images.FASHION_FILES.items():
+    for image_name, label_name in images.FASHION_FILES.values():
         write_idx(tmp_path / image_name, np.zeros((3, 28, 28), dtype=np.uint8))
         write_idx(tmp_path / label_name, np.zeros(3, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"train images have shape \(3, 28, 28\)"):

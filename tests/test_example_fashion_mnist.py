@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_example_data import data_or_skip, images
 
 ROOT = Path(__file__).resolve().parent.parent
