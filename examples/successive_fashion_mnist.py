@@ -20,7 +20,8 @@ model's per-group norms.
     python examples/successive_fashion_mnist.py --replot --figures docs/figures
 
 Writes successive_fashion_mnist.json, .md, per-seed histories and the figures
-fashion_mnist_successive_*.png to --out (default examples/out/successive_fashion_mnist).
+PREFIX_*.png (--prefix, default fashion_mnist_successive) to --out (default
+examples/out/successive_fashion_mnist).
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def norm_lines(saved: dict) -> list[str]:
     ]
 
 
-def draw_figures(saved: dict, out: Path) -> list[Path]:
+def draw_figures(saved: dict, out: Path, prefix: str) -> list[Path]:
     from matplotlib.figure import Figure
 
     from lowrank_ext.plots.successive import plot_group_norms, plot_loss_curve
@@ -299,8 +300,8 @@ def draw_figures(saved: dict, out: Path) -> list[Path]:
     first = results[0]
     history = SuccessiveHistory.from_json(out / first["successive"]["history"])
     paths = [
-        out / "fashion_mnist_successive_loss_curve.png",
-        out / "fashion_mnist_successive_norms.png",
+        out / f"{prefix}_loss_curve.png",
+        out / f"{prefix}_norms.png",
     ]
     plot_loss_curve(
         history, paths[0], title="Fashion-MNIST successive MLP, seed 0 (orange: rank +1)"
@@ -352,19 +353,19 @@ def draw_figures(saved: dict, out: Path) -> list[Path]:
         ax.plot([], [], "kv", label="noise rank (one per seed)")
         ax.set_xlabel("rank")
         ax.set_ylabel(label)
-        ax.set_title(f"{label} by rank, mean ± sd over {len(results)} seed(s)")
+        ax.set_title(f"{label} by rank ({len(results)} seed(s), mean ± sd)")
         ax.legend(fontsize="small")
     figure.tight_layout()
-    paths.append(out / "fashion_mnist_successive_by_rank.png")
+    paths.append(out / f"{prefix}_by_rank.png")
     figure.savefig(paths[-1], dpi=100)
     return paths
 
 
-def report(saved: dict, out: Path, figures: Path | None) -> None:
+def report(saved: dict, out: Path, figures: Path | None, prefix: str) -> None:
     table = markdown(saved)
     (out / "successive_fashion_mnist.md").write_text(table + "\n")
     print(table)
-    copy_figures(draw_figures(saved, out), figures)
+    copy_figures(draw_figures(saved, out, prefix), figures)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -376,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dense-epochs", type=int, help="(5)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "successive_fashion_mnist")
     parser.add_argument("--figures", type=Path, help="also write the figures here (palette PNGs)")
+    parser.add_argument(
+        "--prefix", default="fashion_mnist_successive", help="of the figures' file names"
+    )
     parser.add_argument("--replot", action="store_true", help="tables and figures from OUT's json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     args = parser.parse_args(argv)
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.replot:
         saved = json.loads(path.read_text())
         saved["out"] = str(args.out)
-        report(saved, args.out, args.figures)
+        report(saved, args.out, args.figures, args.prefix)
         return saved
     torch.set_num_threads(args.threads)
     config = dict(QUICK if args.quick else FULL)
@@ -427,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved["load_end"] = load_average()
     saved = json.loads(json.dumps(saved))  # rank keys as strings, as read back by --replot
     path.write_text(json.dumps(saved, indent=1) + "\n")
-    report(saved, args.out, args.figures)
+    report(saved, args.out, args.figures, args.prefix)
     return saved
 
 
