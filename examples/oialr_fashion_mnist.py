@@ -436,12 +436,15 @@ def ranks_cell(study: dict) -> str:
 def run_line(run: dict) -> str:
     """When, where, how and under what load one invocation ran."""
     quick = " QUICK MODE (a pipeline check, not results)." if run["quick"] else ""
-    wall = f", {run['wall_seconds'] / 60:.1f} min wall" if "wall_seconds" in run else ""
+    if "wall_seconds" in run:
+        end = f"at end {run['load_end']}, {run['wall_seconds'] / 60:.1f} min wall"
+    else:
+        walls = " + ".join(f"{s['wall_seconds'] / 60:.1f}" for s in run.get("studies", []))
+        end = f"stopped before its end, after studies of {walls} min wall (saved as they finished)"
     return (
-        f"`{run['command']}` — {run['date']}, {run['machine']}, torch "
-        f"{run.get('torch', torch.__version__)}; load "
-        f"average (1, 5, 15 min) at start {run['load_start']}, at end "
-        f"{run.get('load_end', '?')}{wall}.{quick}"
+        f"`{run['command'].strip()}` — {run['date']}, {run['machine']}, torch "
+        f"{run.get('torch', torch.__version__)}; load average (1, 5, 15 min) at start "
+        f"{run['load_start']}, {end}.{quick}"
     )
 
 
@@ -449,8 +452,11 @@ def markdown(results: dict) -> str:
     config = results["config"]
     test = "10,000" if config["test_size"] is None else f"{config['test_size']:,}"
     first = results["studies"][0]["runs"][0]
+    # the studies of this run come first, then those of the merged ones
+    own = len(results["studies"]) - sum(m.get("study_count", 0) for m in results.get("merged", []))
     lines = [
-        *(f"Run: {run_line(run)}" for run in [results, *results.get("merged", [])]),
+        f"Run: {run_line({**results, 'studies': results['studies'][:own]})}",
+        *(f"Run: {run_line(run)}" for run in results.get("merged", [])),
         f"{config['seeds']} seed(s); AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}, "
         f"batch {BATCH}; OIALR cutoff {CUTOFF}, max drop {MAX_DROP}, delay "
         f"{first['delay'] / first['steps']:.3f} and frequency "
@@ -663,7 +669,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(saved.read_text())
         for other in args.merge:
             extra = json.loads(other.read_text())
-            results["studies"] += extra.pop("studies")
+            studies = extra.pop("studies")
+            results["studies"] += studies
+            extra["study_count"] = len(studies)
             results.setdefault("merged", []).append(extra)
         report(results, args.out, args.figures)
         return results
