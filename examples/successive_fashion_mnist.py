@@ -7,8 +7,8 @@ which validation stops improving is where the model starts to fit noise. Here th
 `lowrank_ext.training.successive.fit_successive` on the MLP 784 → 1024 → 1024 → 10 of
 `examples/oialr_fashion_mnist.py` (same data split: 55,000 training, 5,000 validation, 10,000
 test images). Every layer starts at rank 1 and grows by one component every `--epochs-per-rank`
-epochs up to `--max-rank` (the output layer stops at rank 10, its groups then frozen); Adam-style
-training with AdamW (lr 1e-3, weight decay 1e-2), batch 128, cross-entropy. The noise rank is
+epochs up to `--max-rank` (the output layer stops at rank 10, its groups then frozen); AdamW
+(lr 1e-3, weight decay 1e-2), batch 128, cross-entropy. The noise rank is
 `fit_successive`'s rule on each rank's final validation cross-entropy (patience 3 ranks, 1 %
 relative improvement). The dense MLP trains from the same seed with the same optimizer for
 `--dense-epochs`; its best-validation epoch and its last are reported, with the mean gradient
