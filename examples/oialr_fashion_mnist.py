@@ -535,7 +535,7 @@ def draw_figures(results: dict, out: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     studies = results["studies"]
-    titles = [f"{s['dataset']} {s['model']}" for s in studies]
+    titles = [f"{s['dataset']} {s['model']}, {s['epochs']} ep." for s in studies]
     paths = [out / "fashion_mnist_oialr_ranks.png"]
     figure = plot_rank_history(
         {f"{t}: ranks (seed 0)": s["runs"][0]["rank_history"] for t, s in zip(titles, studies)},
