@@ -9,7 +9,9 @@ Rows: small-batch (B ∈ {1, 16, 64} × in→out ∈ {768→768, 768→3072, 409
 64}) and large (CPU fp32 B=4096, CUDA bf16 B=8192, in=out=4096, r ∈ {16, 64, 256}; --full adds
 more), each forward under no_grad and forward+backward. Implementations (cases.py): fused, then
 two_linear (two nn.Linear layers) and compiled (torch.compile of the unfused formula) — the
-baselines that are the bar — and dense; eager and chained only with --impls.
+baselines that are the bar — and dense; eager and chained only with --impls. On a GPU whose build
+has the tensor-core kernels, "tensorcore" (the opt-in forward of set_cuda_kernels("tensorcore"))
+is timed beside fused (the default kernels) in the same run.
 
 Prints a Markdown table (median time per call of each implementation, the speedup of the fused
 op = baseline median / fused median, > 1: fused is faster, and the fused op's effective
@@ -47,6 +49,7 @@ from cases import (
     MAX_AUTOTUNE,
     PASSES,
     PRESETS,
+    TENSORCORE,
     dtype_name,
     is_small,
     make_problem,
@@ -147,6 +150,22 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} logical cores, torch threads={torch.get_num_threads()}"
 
 
+def tensorcore_column(args, device: torch.device, impls: list[str]) -> list[str]:
+    """On a GPU the default table gains a "tensorcore" column (the opt-in tensor-core forward,
+    timed beside "fused", the default cuBLAS composition) when the build has those kernels; its
+    ratio is tensorcore / fused time, < 1: the tensor-core kernel is faster. Asked for by name
+    (--impls tensorcore) where it cannot run, it is an error."""
+    available = device.type == "cuda" and lowrank_ext.build_info()["tensorcore_kernels"]
+    if TENSORCORE in impls and not available:
+        sys.exit(
+            "--impls tensorcore: needs --device cuda and a build with the tensor-core kernels "
+            f"(build_info()['tensorcore_kernels'] is {lowrank_ext.build_info()['tensorcore_kernels']})"
+        )
+    if available and args.impls is None and TENSORCORE not in impls:
+        impls = impls[:1] + [TENSORCORE] + impls[1:]
+    return impls
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -156,6 +175,7 @@ def main(argv=None) -> int:
     impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE].index)
     if device.type == "cuda" and "fused" in impls and not lowrank_ext.build_info()["cuda_kernels"]:
         sys.exit("lowrank_ext was built without CUDA kernels; rebuild with nvcc on PATH")
+    impls = tensorcore_column(args, device, impls)
     dtypes = [parse_dtype(d) for d in (args.dtype or DEFAULT_DTYPES[device.type])]
     shapes = select_shapes(args, device.type)
     cuda = device.type == "cuda"

@@ -85,6 +85,32 @@ def test_dry_run_of_a_subset_without_the_build(tmp_path):
     assert any("<python code> <device capability" in c for c in commands)
 
 
+def test_dry_run_installs_the_cutlass_wheel_and_requires_cutlass(tmp_path):
+    wheel = tmp_path / "nvidia_cutlass-4.2.0.0-py3-none-any.whl"
+    out = _run("gpu_check.py", "--dry-run", "--steps", "build", "tests", "--cutlass-wheel", wheel)
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if line.startswith("  $ ")]
+    install = [c for c in commands if str(wheel) in c]
+    assert len(install) == 1 and "pip install --no-build-isolation --no-deps --no-index" in install[0]
+    build = next(c for c in commands if " -e ." in c)
+    assert commands.index(install[0]) < commands.index(build)  # headers before the build
+    assert "LOWRANK_EXT_REQUIRE_CUTLASS=1" in build
+    tests = next(c for c in commands if "-m pytest" in c)
+    assert "LOWRANK_EXT_REQUIRE_CUTLASS=1" in tests  # a missing tensorcore set fails, never skips
+
+
+def test_reach_lists_the_tensorcore_cases():
+    out = _run("cuda_reach.py", "--list", "--quick", "--lowest")
+    assert out.returncode == 0, out.stderr
+    names = [line.strip() for line in out.stdout.splitlines() if "linear/tensorcore/" in line]
+    # every padded rank of the kernel (32, 64, 128, 256), both load paths, and the fallbacks
+    for r in ("r16/", "r17/", "r40/", "r100/", "r256/", "r257/"):
+        assert any(r in n for n in names), r
+    assert any("/B0/" in n for n in names) and any("/float32/" in n for n in names)
+    taken = [cuda_reach.tensorcore_takes(c) for c in cuda_reach.tensorcore_cases(("tensorcore",), True, True)]
+    assert taken.count(False) == 4  # the two empty batches, float32 and r = 257
+
+
 def test_unknown_step_is_refused():
     out = _run("gpu_check.py", "--dry-run", "--steps", "tests", "lint")
     assert out.returncode != 0

@@ -1,5 +1,6 @@
 // lowrank_ext::linear on CUDA: the kernels chosen by set_cuda_kernels (backend.h) on each call.
-// Both implementations save the same t (dtype saved_t_dtype), so a forward run by one may be
+// "tensorcore" has a forward only: its backward is the composition's.
+// Every implementation saves the same t (dtype saved_t_dtype), so a forward run by one may be
 // differentiated by the other.
 #include "backend.h"
 #include "linear.h"
@@ -12,8 +13,16 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                                                        const at::Tensor& S, const at::Tensor& V,
                                                        const std::optional<at::Tensor>& bias,
                                                        bool save_t) {
-  return cuda_kernels() == CudaKernels::kFused ? linear_forward_fused(x, U, S, V, bias, save_t)
-                                               : linear_forward_cublas(x, U, S, V, bias, save_t);
+  switch (cuda_kernels()) {
+    case CudaKernels::kFused:
+      return linear_forward_fused(x, U, S, V, bias, save_t);
+#ifdef LOWRANK_EXT_WITH_TENSORCORE
+    case CudaKernels::kTensorcore:  // falls back to the composition for what it does not take
+      return linear_forward_tensorcore(x, U, S, V, bias, save_t);
+#endif
+    default:
+      return linear_forward_cublas(x, U, S, V, bias, save_t);
+  }
 }
 
 LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,

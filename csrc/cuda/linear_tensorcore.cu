@@ -2,8 +2,8 @@
 // "tensorcore" CUDA kernels (backend.h), opt-in until a GPU measurement says they beat "cublas".
 //
 // One launch, a back-to-back GEMM per block of BM = 64 rows of x:
-//   phase 1  t = x V over all of in (cp.async 3-stage pipeline, ldmatrix, mma m16n8k16, float32
-//            accumulators in registers), then z = t ⊙ s rounded to x's dtype into shared memory
+//   phase 1  t = x V over all of in (cp.async 3- or 4-stage pipeline, ldmatrix, mma m16n8k16,
+//            float32 accumulators in registers), then z = t ⊙ s rounded to x's dtype into shared memory
 //            (t itself, float32, written out when the forward saves it);
 //   phase 2  y = z Uᵀ + bias, output tiles of BN = 128 columns streamed through the same pipeline,
 //            bias added in float32 in the epilogue.
@@ -15,8 +15,9 @@
 // Limits (else linear_forward_tensorcore runs the cuBLAS composition, see tensorcore_takes):
 // float16/bfloat16 only, 1 <= r <= kMaxRank (r is padded to 32/64/128/256 with zeros).
 // Any batch (0 included), any in/out: rows, columns and k past the end are predicated (zero
-// fill). 16-byte cp.async needs in % 8 == 0, r % 8 == 0 and 16-byte aligned x/U/V; otherwise
-// the same kernel loads its tiles element by element (slower, same results). Offsets are int64.
+// fill). 16-byte cp.async needs in % 8 == 0 and an aligned x (for x's tiles), r % 8 == 0 and
+// aligned U, V (for theirs); otherwise the same kernel loads those tiles element by element
+// (slower, same results). Offsets are int64.
 #include "linear.h"
 
 #include <ATen/ATen.h>
@@ -39,24 +40,30 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kBM = 64;        // rows of x per block
-constexpr int kBK = 32;        // k per pipeline stage (both phases)
+constexpr int kBK = 32;        // k (= rank) per phase-2 stage
 constexpr int kBN = 128;       // output columns per phase-2 tile
-constexpr int kStages = 3;
+constexpr int kStages = 3;     // phase 2
 constexpr int kPad = 8;        // halves added to each shared row: ldmatrix rows hit distinct banks
 
+// Phase 1 streams x from DRAM: its k step and stage count keep ~18-35 KB of x in flight per SM
+// (bandwidth per SM × latency, H100/H200) at the small ranks, where the phase is memory-bound,
+// while the whole tile fits the 99 KiB opt-in of sm_86/sm_89 at every rank.
 template <int RP>
 struct Smem {
-  static constexpr int kXStride = kBK + kPad;     // x stage: kBM × kBK
-  static constexpr int kVStride = RP + kPad;      // V stage: kBK × RP
+  static constexpr int kBK1 = RP <= 32 ? 128 : (RP <= 128 ? 64 : 32);
+  static constexpr int kStages1 = RP == 64 ? 4 : 3;
+  static constexpr int kXStride = kBK1 + kPad;    // x stage: kBM × kBK1
+  static constexpr int kVStride = RP + kPad;      // V stage: kBK1 × RP
   static constexpr int kUStride = kBK + kPad;     // U stage: kBN × kBK
   static constexpr int kZStride = RP + kPad;      // z: kBM × RP
   static constexpr int kXStage = kBM * kXStride;  // in halves
-  static constexpr int kVStage = kBK * kVStride;
+  static constexpr int kVStage = kBK1 * kVStride;
   static constexpr int kUStage = kBN * kUStride;
-  static constexpr int kPhase1 = kStages * (kXStage + kVStage);
+  static constexpr int kPhase1 = kStages1 * (kXStage + kVStage);
   static constexpr int kPhase2 = kStages * kUStage;
   static constexpr int kPipe = kPhase1 > kPhase2 ? kPhase1 : kPhase2;
   static constexpr int kBytes = (kPipe + kBM * kZStride) * 2;
+  static_assert(kBytes <= 101376, "over the 99 KiB opt-in shared memory of sm_86/sm_89");
 };
 
 template <typename T>
@@ -92,7 +99,8 @@ struct Args {
   float* t;          // (batch, r) float32 or nullptr
   int64_t batch, in, out, r;
   int n_tiles;       // ceil(out / kBN)
-  bool vec16;        // 16-byte cp.async allowed (alignment and in % 8 == r % 8 == 0)
+  bool vec_x;        // 16-byte cp.async for x (in % 8 == 0, x 16-byte aligned)
+  bool vec_r;        // 16-byte cp.async for V and U (r % 8 == 0, both 16-byte aligned)
 };
 
 // One 16-byte chunk (8 halves) of a row-major (rows × cols) matrix into shared memory, zero
@@ -164,39 +172,43 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc1[i][j][c] = 0.0f;
 
-  const int k_steps = static_cast<int>((a.in + kBK - 1) / kBK);
+  constexpr int kBK1 = L::kBK1, kStages1 = L::kStages1;
+  const int k_steps = static_cast<int>((a.in + kBK1 - 1) / kBK1);
   auto load1 = [&](int step, int stage) {
     T* xs = pipe + stage * (L::kXStage + L::kVStage);
     T* vs = xs + L::kXStage;
-    const int64_t k0 = static_cast<int64_t>(step) * kBK;
-    // x: kBM × kBK = 256 chunks, one per thread.
-    {
-      const int row = tid / (kBK / 8), cc = tid % (kBK / 8);
+    const int64_t k0 = static_cast<int64_t>(step) * kBK1;
+    // x: kBM × kBK1 (256 to 1024 chunks of 8).
+#pragma unroll
+    for (int c = tid; c < kBM * (kBK1 / 8); c += kThreads) {
+      const int row = c / (kBK1 / 8), cc = c % (kBK1 / 8);
       load_chunk(xs + row * L::kXStride + cc * 8, x, m0 + row, k0 + cc * 8, a.batch, a.in,
-                 a.vec16);
+                 a.vec_x);
     }
-    // V: kBK × RP = 4·RP chunks.
-    for (int c = tid; c < kBK * (RP / 8); c += kThreads) {
+    // V: kBK1 × RP.
+    for (int c = tid; c < kBK1 * (RP / 8); c += kThreads) {
       const int row = c / (RP / 8), cc = c % (RP / 8);
       load_chunk(vs + row * L::kVStride + cc * 8, V, k0 + row, static_cast<int64_t>(cc) * 8,
-                 a.in, a.r, a.vec16);
+                 a.in, a.r, a.vec_r);
     }
   };
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kStages1 - 1; ++s) {
     if (s < k_steps) load1(s, s);
     cute::cp_async_fence();
   }
   for (int step = 0; step < k_steps; ++step) {
-    cute::cp_async_wait<kStages - 2>();
+    cute::cp_async_wait<kStages1 - 2>();
     __syncthreads();
-    if (step + kStages - 1 < k_steps) load1(step + kStages - 1, (step + kStages - 1) % kStages);
+    if (step + kStages1 - 1 < k_steps) {
+      load1(step + kStages1 - 1, (step + kStages1 - 1) % kStages1);
+    }
     cute::cp_async_fence();
-    const T* xs = pipe + (step % kStages) * (L::kXStage + L::kVStage);
+    const T* xs = pipe + (step % kStages1) * (L::kXStage + L::kVStage);
     const T* vs = xs + L::kXStage;
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBK1; kk += 16) {
       uint32_t af[2][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -275,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
 #pragma unroll
     for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
       const int row = c / (kBK / 8), cc = c % (kBK / 8);
-      load_chunk(us + row * L::kUStride + cc * 8, U, n0 + row, k0 + cc * 8, a.out, a.r, a.vec16);
+      load_chunk(us + row * L::kUStride + cc * 8, U, n0 + row, k0 + cc * 8, a.out, a.r, a.vec_r);
     }
   };
 
@@ -341,9 +353,14 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
           for (int h = 0; h < 2; ++h) {
             const int64_t row = m0 + wm * 32 + i * 16 + lane / 4 + h * 8;
             if (row >= a.batch) continue;
-            T* yrow = y + row * a.out;
-            if (col < a.out) yrow[col] = Mma<T>::from_float(acc2[i][j][2 * h] + b0);
-            if (col + 1 < a.out) yrow[col + 1] = Mma<T>::from_float(acc2[i][j][2 * h + 1] + b1);
+            const float v0 = acc2[i][j][2 * h] + b0, v1 = acc2[i][j][2 * h + 1] + b1;
+            const int64_t at = row * a.out + col;
+            if (col + 1 < a.out && at % 2 == 0) {  // both columns, 4-byte aligned: one store
+              *reinterpret_cast<uint32_t*>(y + at) = Mma<T>::pack(v0, v1);
+            } else {
+              if (col < a.out) y[at] = Mma<T>::from_float(v0);
+              if (col + 1 < a.out) y[at + 1] = Mma<T>::from_float(v1);
+            }
           }
         }
       }
@@ -435,8 +452,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
   args.out = sz.out_features;
   args.r = sz.rank;
   args.n_tiles = static_cast<int>((sz.out_features + kBN - 1) / kBN);
-  args.vec16 = sz.in_features % 8 == 0 && sz.rank % 8 == 0 && aligned16(x2) && aligned16(Vc) &&
-               aligned16(Uc);
+  args.vec_x = sz.in_features % 8 == 0 && aligned16(x2);
+  args.vec_r = sz.rank % 8 == 0 && aligned16(Vc) && aligned16(Uc);
 
   const int64_t m_blocks = (sz.batch + kBM - 1) / kBM;
   TORCH_CHECK(m_blocks <= std::numeric_limits<int32_t>::max(),
