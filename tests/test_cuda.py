@@ -461,7 +461,8 @@ def _cuda_kernel_names(fn):
 
 
 # (batch shape, in, out, r): every padded rank (32, 64, 128, 256), 16-byte loads (in and r
-# multiples of 8) and element loads, a partial last row block, outputs split over blocks.
+# multiples of 8) and element loads, a partial last row block, outputs split over blocks, and
+# several output tiles per block.
 TENSORCORE_SHAPES = [
     ((67,), 48, 77, 16),
     ((67,), 45, 77, 17),
@@ -470,7 +471,8 @@ TENSORCORE_SHAPES = [
     ((130,), 32, 260, 256),
     ((1,), 40, 300, 24),
     ((4,), 3, 5, 1),
-]
+    ((4300,), 16, 300, 8),  # 68 row blocks, more than half of an H200's SMs: no split,
+]  # so each block runs all three output tiles
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
