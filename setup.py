@@ -67,7 +67,7 @@ def build_with_cuda() -> bool:
 
 
 def cutlass_include() -> Path | None:
-    """The folder holding cute/ and cutlass/ headers: CUTLASS_PATH, else the nvidia-cutlass package."""
+    """The folder with the cute/ and cutlass/ headers: CUTLASS_PATH, else nvidia-cutlass's."""
     candidates = []
     if os.environ.get("CUTLASS_PATH"):
         root = Path(os.environ["CUTLASS_PATH"])
@@ -83,8 +83,10 @@ def cutlass_include() -> Path | None:
         if (folder / "cute" / "arch" / "mma_sm80.hpp").exists() and (folder / "cutlass").is_dir():
             return folder
     if os.environ.get("LOWRANK_EXT_REQUIRE_CUTLASS") == "1":
-        where = f"CUTLASS_PATH={os.environ['CUTLASS_PATH']}" if os.environ.get("CUTLASS_PATH") else (
-            "the nvidia-cutlass package (not installed)"
+        where = (
+            f"CUTLASS_PATH={os.environ['CUTLASS_PATH']}"
+            if os.environ.get("CUTLASS_PATH")
+            else "the nvidia-cutlass package (not installed)"
         )
         raise RuntimeError(
             f"LOWRANK_EXT_REQUIRE_CUTLASS=1 but {where} holds no CUTLASS headers "

@@ -159,7 +159,7 @@ def tensorcore_column(args, device: torch.device, impls: list[str]) -> list[str]
     if TENSORCORE in impls and not available:
         sys.exit(
             "--impls tensorcore: needs --device cuda and a build with the tensor-core kernels "
-            f"(build_info()['tensorcore_kernels'] is {lowrank_ext.build_info()['tensorcore_kernels']})"
+            f"(tensorcore_kernels: {lowrank_ext.build_info()['tensorcore_kernels']})"
         )
     if available and args.impls is None and TENSORCORE not in impls:
         impls = impls[:1] + [TENSORCORE] + impls[1:]

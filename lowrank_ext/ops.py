@@ -65,7 +65,7 @@ def set_cuda_kernels(name: str) -> None:
 
 
 def cuda_kernels() -> str:
-    """The CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore" (see set_cuda_kernels)."""
+    """The CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore" (set_cuda_kernels)."""
     return _cuda_kernels()
 
 

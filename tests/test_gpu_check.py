@@ -91,7 +91,9 @@ def test_dry_run_installs_the_cutlass_wheel_and_requires_cutlass(tmp_path):
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("  $ ")]
     install = [c for c in commands if str(wheel) in c]
-    assert len(install) == 1 and "pip install --no-build-isolation --no-deps --no-index" in install[0]
+    assert (
+        len(install) == 1 and "pip install --no-build-isolation --no-deps --no-index" in install[0]
+    )
     build = next(c for c in commands if " -e ." in c)
     assert commands.index(install[0]) < commands.index(build)  # headers before the build
     assert "LOWRANK_EXT_REQUIRE_CUTLASS=1" in build
@@ -107,7 +109,10 @@ def test_reach_lists_the_tensorcore_cases():
     for r in ("r16/", "r17/", "r40/", "r100/", "r256/", "r257/"):
         assert any(r in n for n in names), r
     assert any("/B0/" in n for n in names) and any("/float32/" in n for n in names)
-    taken = [cuda_reach.tensorcore_takes(c) for c in cuda_reach.tensorcore_cases(("tensorcore",), True, True)]
+    taken = [
+        cuda_reach.tensorcore_takes(c)
+        for c in cuda_reach.tensorcore_cases(("tensorcore",), True, True)
+    ]
     assert taken.count(False) == 4  # the two empty batches, float32 and r = 257
 
 
@@ -244,7 +249,7 @@ def test_reach_lists_its_cases_without_a_gpu():
     names = [n for n in names if n.startswith(("linear/", "project_out/"))]
     for dtype in cuda_reach.DTYPE_NAMES:
         for bm in (64, 16, 4, 1, 0):  # every tile height and the fallback, for every dtype
-            for backend in cuda_reach.BACKENDS:
+            for backend in cuda_reach.TILE_BACKENDS:
                 prefix = f"linear/{backend}/{dtype}/"
                 assert any(n.startswith(prefix) and n.endswith(f"/BM{bm}") for n in names)
     listed = "\n".join(names) + "\n"

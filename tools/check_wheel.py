@@ -104,7 +104,9 @@ def check_tensorcore_sass(library: Path, archs: str, cuobjdump: str) -> None:
             fail(f"{library.name}: no {TENSORCORE_KERNEL} in the {sm} SASS")
         without = [name for name, body in kernels.items() if "HMMA" not in body]
         if without:
-            fail(f"{library.name}: {sm} SASS of {without[0]} holds no HMMA (tensor-core) instruction")
+            fail(
+                f"{library.name}: {sm} SASS of {without[0]} holds no HMMA (tensor-core) instruction"
+            )
         hmma = sum(body.count("HMMA") for body in kernels.values())
         print(f"{sm}: {len(kernels)} {TENSORCORE_KERNEL} instances, {hmma} HMMA instructions")
 
@@ -158,7 +160,7 @@ def installed(kind: str, archs: str, cuobjdump: str | None) -> None:
         if info["cuda_archs"] != archs.split(";"):
             fail(f"build_info() lists archs {info['cuda_archs']}, expected {archs.split(';')}")
         if not info.get("tensorcore_kernels"):
-            fail("build_info() says the CUDA wheel has no tensor-core kernels (built without CUTLASS)")
+            fail("build_info(): the CUDA wheel has no tensor-core kernels (built without CUTLASS)")
         (library,) = package.glob("_C*.so")
         cuobjdump = cuobjdump or find_cuobjdump()
         check_cubins(library, archs, cuobjdump)

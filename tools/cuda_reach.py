@@ -194,6 +194,7 @@ def device_optin_smem(torch, device=None) -> tuple[int, str]:
 # ---- the cases -----------------------------------------------------------------------------------
 
 BACKENDS = ("cublas", "fused", "tensorcore")
+TILE_BACKENDS = ("cublas", "fused")  # the sets with tile and variant cases (every dtype and rank)
 # csrc/cuda/linear_tensorcore.cu: the largest rank it takes (kTensorcoreMaxRank) and its kernel.
 TENSORCORE_MAX_RANK = 256
 TENSORCORE_KERNEL = "linear_forward_tc_kernel"

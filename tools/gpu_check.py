@@ -321,7 +321,8 @@ class Check:
             f"{self.args.deadline:.0f}s; logs in {self.logs}",
             f"CUDA toolkit: {self.cuda_home or 'not found'}; "
             f"compute-sanitizer: {self.sanitizer or 'not found'}",
-            f"CUTLASS wheel: {self.cutlass_wheel or 'none (nvidia-cutlass installed or CUTLASS_PATH)'}",
+            "CUTLASS wheel: "
+            + str(self.cutlass_wheel or "none (nvidia-cutlass installed, or CUTLASS_PATH)"),
         ]
         for step in self.selected():
             what = step.what
