@@ -116,6 +116,16 @@ def test_reach_lists_the_tensorcore_cases():
     assert taken.count(False) == 4  # the two empty batches, float32 and r = 257
 
 
+def test_tensorcore_kernels_index_math_matches_float64():
+    # tools/tensorcore_model.py: the kernel's tiles, ldmatrix addresses, warp layout, column split
+    # and predicates, with ldmatrix and mma.m16n8k16 modelled from the PTX fragment layouts.
+    model = _load("tensorcore_model")
+    for shape in model.SHAPES:
+        assert model.check(*shape) < 1e-9, shape  # NaN (an element nobody wrote) fails too
+    # B = 1..64 at out = 4096 on 132 SMs: 32 blocks; B = 8192 (128 row blocks): no split
+    assert model.splits(1, 32, 132) == 32 and model.splits(128, 32, 132) == 1
+
+
 def test_unknown_step_is_refused():
     out = _run("gpu_check.py", "--dry-run", "--steps", "tests", "lint")
     assert out.returncode != 0
