@@ -33,9 +33,10 @@ PASSES = ("fwd", "fwd+bwd")
 # Order matters only for display: fused first, then the baselines that are the bar, then the rest.
 BAR = ("two_linear", "compiled")
 DEFAULT_IMPLS = ("fused", *BAR, "dense")
-IMPLS = (*DEFAULT_IMPLS, "eager", "chained", "tensorcore")
-# lowrank_ext.linear with set_cuda_kernels("tensorcore") for its forward (CUDA only; run.py adds
-# it to the default --device cuda table when the build has it). Its backward is the default's.
+IMPLS = (*DEFAULT_IMPLS, "eager", "chained")
+# lowrank_ext.linear with set_cuda_kernels("tensorcore") for its forward: CUDA only, so not in
+# IMPLS; run.py adds it to the --device cuda table when the build has it. Its backward is the
+# default's.
 TENSORCORE = "tensorcore"
 MAX_AUTOTUNE = "compiled-max-autotune"  # opt-in: compiling it takes minutes
 

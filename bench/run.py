@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--impls",
         nargs="+",
-        choices=[*IMPLS, MAX_AUTOTUNE],
+        choices=[*IMPLS, MAX_AUTOTUNE, TENSORCORE],
         help=f"default: {' '.join(DEFAULT_IMPLS)}",
     )
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
     impls = list(args.impls or DEFAULT_IMPLS) + ([MAX_AUTOTUNE] if args.max_autotune else [])
-    impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE].index)
+    impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE, TENSORCORE].index)
     if device.type == "cuda" and "fused" in impls and not lowrank_ext.build_info()["cuda_kernels"]:
         sys.exit("lowrank_ext was built without CUDA kernels; rebuild with nvcc on PATH")
     impls = tensorcore_column(args, device, impls)
