@@ -48,6 +48,14 @@ def ldmatrix(smem, addrs, count: int, trans: bool):
     return regs
 
 
+def a_fragments(smem, row0: int, col0: int):
+    """The two m16 x k16 A fragments of a warp's 32 rows from row0, k from col0 (ldsm_x4)."""
+    return [
+        ldmatrix(smem, [(row0 + i * 16 + q % 16, col0 + q // 16 * 8) for q in range(32)], 4, False)
+        for i in range(2)
+    ]
+
+
 def mma(acc, a, b, lo: int, hi: int):
     """acc[lane] += the m16n8k16 product of A fragments a and B fragments b[lane][lo], [hi]."""
     A, B = np.zeros((16, 16)), np.zeros((16, 8))
@@ -92,15 +100,7 @@ def forward(x, V, U, s, bias, sms: int = 132):
                 for w in range(WARPS):
                     wm, wn = w % 2, w // 2
                     for kk in range(0, bk1, 16):
-                        af = [
-                            ldmatrix(
-                                xs,
-                                [(wm * 32 + i * 16 + q % 16, kk + q // 16 * 8) for q in range(32)],
-                                4,
-                                False,
-                            )
-                            for i in range(2)
-                        ]
+                        af = a_fragments(xs, wm * 32, kk)
                         krow = [kk + q % 8 + (q // 8) % 2 * 8 for q in range(32)]
                         step = 2 if nt1 % 2 == 0 else 1
                         for j in range(0, nt1, step):
@@ -138,18 +138,7 @@ def forward(x, V, U, s, bias, sms: int = 132):
                 for w in range(WARPS):
                     wm, wn = w % 2, w // 2
                     for kk in range(0, BK, 16):
-                        af = [
-                            ldmatrix(
-                                zs,
-                                [
-                                    (wm * 32 + i * 16 + q % 16, kc * BK + kk + q // 16 * 8)
-                                    for q in range(32)
-                                ],
-                                4,
-                                False,
-                            )
-                            for i in range(2)
-                        ]
+                        af = a_fragments(zs, wm * 32, kc * BK + kk)
                         for j in range(0, 4, 2):
                             addrs = [
                                 (wn * 32 + j * 8 + q % 8 + q // 16 * 8, kk + (q // 8) % 2 * 8)

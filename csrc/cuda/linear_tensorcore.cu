@@ -31,6 +31,7 @@
 #include <cute/arch/mma_sm80.hpp>
 
 #include <mutex>
+#include <type_traits>
 
 namespace lowrank_ext {
 
@@ -66,27 +67,31 @@ struct Smem {
   static_assert(kBytes <= 101376, "over the 99 KiB opt-in shared memory of sm_86/sm_89");
 };
 
+// The MMA atom and the conversions of T (__half or __nv_bfloat16).
 template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  using Atom = cute::SM80_16x8x16_F32F16F16F32_TN;
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static uint32_t pack(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
+struct Mma {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+  using Atom = std::conditional_t<kHalf, cute::SM80_16x8x16_F32F16F16F32_TN,
+                                  cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  __device__ static float to_float(T v) {
+    if constexpr (kHalf) return __half2float(v);
+    else return __bfloat162float(v);
   }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  using Atom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static uint32_t pack(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
+  __device__ static T from_float(float v) {
+    if constexpr (kHalf) return __float2half_rn(v);
+    else return __float2bfloat16_rn(v);
   }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static uint32_t pack(float a, float b) {  // two values, a in the low half
+    uint32_t bits;
+    if constexpr (kHalf) {
+      const __half2 h = __floats2half2_rn(a, b);
+      memcpy(&bits, &h, sizeof(bits));
+    } else {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+      memcpy(&bits, &h, sizeof(bits));
+    }
+    return bits;
+  }
 };
 
 struct Args {
