@@ -532,4 +532,5 @@ def test_tensorcore_saved_t_is_the_float32_x_v(tensorcore):
     y, t = torch.ops.lowrank_ext.linear_forward(x, U, S, V, b, True)
     assert t.dtype == torch.float32 and t.shape == (70, 24)
     want = x.double() @ V.double()
-    torch.testing.assert_close(t.double(), want, rtol=1e-5, atol=1e-5)
+    # bf16 products are exact in float32; 64 float32 additions (the tensor cores' may truncate)
+    torch.testing.assert_close(t.double(), want, rtol=1e-4, atol=1e-4)
