@@ -94,6 +94,19 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                    const at::Tensor& V, std::array<bool, 5> output_mask);
+// The tensorcore backward: g = dy U and dbias from one pass over dy (the forward kernel's first
+// phase), the other gradients from linear_backward_cublas_given.
+LinearGrads linear_backward_tensorcore(const at::Tensor& grad_y, const at::Tensor& x,
+                                       const at::Tensor& t, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V,
+                                       std::array<bool, 5> output_mask);
+// linear_backward_cublas with g = dy U (float32 for half inputs) and dbias already computed
+// (either may be undefined: then computed here).
+LinearGrads linear_backward_cublas_given(const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& t, const at::Tensor& U,
+                                         const at::Tensor& S, const at::Tensor& V,
+                                         std::array<bool, 5> output_mask, const at::Tensor& g_given,
+                                         const at::Tensor& db_given);
 LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                   const at::Tensor& V, std::array<bool, 5> output_mask);

@@ -95,7 +95,8 @@ _CUDA_PATHS = {
     "fused": {"forward": "fused", "backward": "fused"},
     "tensorcore": {
         "forward": "tensorcore (float16/bfloat16, r <= 256; else cublas)",
-        "backward": "cublas",
+        "backward": "tensorcore first pass (g = dy U and dbias; float16/bfloat16, r <= 256), "
+        "the rest cublas",
     },
 }
 

@@ -43,8 +43,9 @@ def set_cuda_kernels(name: str) -> None:
             every architecture, cuBLAS's own accumulation; or "fused" — the SIMT kernels of
             csrc/cuda/linear.cu (one pass over x per tile, no tensor cores; opt-in, see README
             "CUDA kernels"); or "tensorcore" — the forward on the mma.sync back-to-back-GEMM kernel
-            of csrc/cuda/linear_tensorcore.cu for float16/bfloat16 and r <= 256 (opt-in, not yet
-            measured on a GPU); every other call, and every backward, runs "cublas".
+            of csrc/cuda/linear_tensorcore.cu for float16/bfloat16 and r <= 256, and the
+            backward's first pass (g = dy U and dbias) on the same kernel (opt-in, not yet
+            measured on a GPU); every other call, and the rest of the backward, runs "cublas".
 
     Both give the same results to rounding and the same saved tensors, so the choice may change
     between calls, also after torch.compile or CUDA-graph capture (a graph keeps the kernels it

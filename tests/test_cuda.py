@@ -442,6 +442,7 @@ def test_project_out_64_bit_indexing():
 # ---- the tensor-core forward (csrc/cuda/linear_tensorcore.cu) ------------------------------------
 
 TENSORCORE_KERNEL = "linear_forward_tc_kernel"
+TENSORCORE_GRAD_KERNEL = "linear_grad_g_tc_kernel"  # the backward's first pass: g = dy U, dbias
 
 
 @pytest.fixture
@@ -522,9 +523,25 @@ def test_tensorcore_kernel_runs_where_it_should(tensorcore, dtype, r, expected):
     args = make_factors((33,), 40, 24, r, dtype=dtype, device="cuda")
     names = _cuda_kernel_names(lambda: lowrank_ext.linear(*args))
     assert any(TENSORCORE_KERNEL in n for n in names) == expected, sorted(names)
-    with lowrank_ext.use_cuda_kernels("cublas"):  # the default never runs it
-        names = _cuda_kernel_names(lambda: lowrank_ext.linear(*args))
-    assert not any(TENSORCORE_KERNEL in n for n in names), sorted(names)
+    assert not any(TENSORCORE_GRAD_KERNEL in n for n in names), sorted(names)  # no backward
+    x, U, S, V, b = (t.requires_grad_() for t in args)
+    names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert any(TENSORCORE_GRAD_KERNEL in n for n in names) == expected, sorted(names)
+    U.grad = None
+    with lowrank_ext.use_cuda_kernels("cublas"):  # the default never runs them
+        names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert not any("_tc_kernel" in n for n in names), sorted(names)
+
+
+def test_tensorcore_backward_without_g_skips_the_first_pass(tensorcore):
+    # Only dU and dbias asked for: no g = dy U is needed, dbias alone is a column sum.
+    x, U, S, V, b = make_factors((70,), 64, 30, 24, dtype=torch.bfloat16, device="cuda")
+    U.requires_grad_()
+    b.requires_grad_()
+    names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert any(TENSORCORE_KERNEL in n for n in names), sorted(names)
+    assert not any(TENSORCORE_GRAD_KERNEL in n for n in names), sorted(names)
+    torch.testing.assert_close(b.grad.double(), torch.full((30,), 70.0, dtype=torch.float64))
 
 
 def test_tensorcore_saved_t_is_the_float32_x_v(tensorcore):

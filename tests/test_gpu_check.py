@@ -386,18 +386,26 @@ def test_reach_reads_the_tile_height_from_kernel_names():
 def test_reach_checks_where_the_tensorcore_kernel_ran():
     runner = cuda_reach.Runner(torch, lowrank_ext, 0)
     tc = "void lowrank_ext::(anonymous namespace)::linear_forward_tc_kernel<__nv_bfloat16, 32>()"
+    grad = "void lowrank_ext::(anonymous namespace)::linear_grad_g_tc_kernel<__nv_bfloat16, 32>()"
     gemm = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"
     taken = cuda_reach.LinearCase("tensorcore", "bfloat16", (67,), 48, 77, 16)
-    runner.check_kernel_names(taken, [tc, gemm])  # forward on it, backward on cuBLAS
-    with pytest.raises(cuda_reach.Mismatch, match="did not run"):
-        runner.check_kernel_names(taken, [gemm])
+    runner.check_kernel_names(taken, [tc, grad, gemm])  # g and dbias on it, the rest cuBLAS
+    with pytest.raises(cuda_reach.Mismatch, match="linear_forward_tc_kernel did not run"):
+        runner.check_kernel_names(taken, [grad, gemm])
+    with pytest.raises(cuda_reach.Mismatch, match="linear_grad_g_tc_kernel did not run"):
+        runner.check_kernel_names(taken, [tc, gemm])
+    for grads in ((), ("U",), ("bias",), ("U", "bias")):  # no g needed: no first pass
+        case = cuda_reach.LinearCase("tensorcore", "bfloat16", (41,), 36, 20, 7, grads=grads)
+        runner.check_kernel_names(case, [tc, gemm])
+        with pytest.raises(cuda_reach.Mismatch, match="linear_grad_g_tc_kernel ran"):
+            runner.check_kernel_names(case, [tc, grad, gemm])
     for not_taken in (
         cuda_reach.LinearCase("tensorcore", "float32", (67,), 48, 77, 16),
         cuda_reach.LinearCase("tensorcore", "bfloat16", (5,), 40, 30, 257),
         cuda_reach.LinearCase("tensorcore", "bfloat16", (0,), 48, 77, 16),
     ):
         runner.check_kernel_names(not_taken, [gemm])
-        with pytest.raises(cuda_reach.Mismatch, match="kernel ran"):
+        with pytest.raises(cuda_reach.Mismatch, match="linear_forward_tc_kernel ran"):
             runner.check_kernel_names(not_taken, [tc, gemm])
 
 

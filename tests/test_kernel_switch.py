@@ -56,7 +56,7 @@ def test_tensorcore_runs_only_where_built_and_says_what_runs():
     with lowrank_ext.use_cuda_kernels("tensorcore"):
         info = lowrank_ext.build_info()
         assert (lowrank_ext.cuda_kernels(), info["cuda_backend"]) == ("tensorcore", "tensorcore")
-        assert info["cuda_paths"]["backward"] == "cublas"
+        assert info["cuda_paths"]["backward"].startswith("tensorcore first pass")
         assert info["cuda_paths"]["forward"].startswith("tensorcore")
     assert lowrank_ext.cuda_kernels() == "cublas"
 

@@ -198,6 +198,7 @@ TILE_BACKENDS = ("cublas", "fused")  # the sets with tile and variant cases (eve
 # csrc/cuda/linear_tensorcore.cu: the largest rank it takes (kTensorcoreMaxRank) and its kernel.
 TENSORCORE_MAX_RANK = 256
 TENSORCORE_KERNEL = "linear_forward_tc_kernel"
+TENSORCORE_GRAD_KERNEL = "linear_grad_g_tc_kernel"  # the backward's first pass: g = dy U, dbias
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 GRAD_NAMES = ("x", "U", "S", "V", "bias")
 # Largest rank at which a full (r x r) core is used: S stays under ~70 MB in float32.
@@ -354,6 +355,12 @@ def tensorcore_takes(case: LinearCase) -> bool:
         and case.m > 0
         and batch > 0
     )
+
+
+def tensorcore_grad_runs(case: LinearCase) -> bool:
+    """Whether the backward's first pass runs on the tensorcore kernel: taken, and g = dy U is
+    needed (for dx, dV or dS; dbias alone is a column sum on the composition)."""
+    return tensorcore_takes(case) and bool({"x", "V", "S"} & set(case.grads))
 
 
 def tensorcore_cases(backends, quick: bool, lowest: bool = False) -> list[LinearCase]:
@@ -714,12 +721,16 @@ class Runner:
             return
         tile = [n for n in names if SIMT_TILE_KERNEL.search(n)]
         if case.backend == "tensorcore":
-            ran = any(TENSORCORE_KERNEL in n for n in names)
-            if ran != tensorcore_takes(case):
-                raise Mismatch(
-                    f"{case.name}: the tensorcore kernel {'ran' if ran else 'did not run'}; "
-                    f"tensorcore_takes says {tensorcore_takes(case)}"
-                )
+            for kernel, expected in (
+                (TENSORCORE_KERNEL, tensorcore_takes(case)),
+                (TENSORCORE_GRAD_KERNEL, tensorcore_grad_runs(case)),
+            ):
+                ran = any(kernel in n for n in names)
+                if ran != expected:
+                    raise Mismatch(
+                        f"{case.name}: {kernel} {'ran' if ran else 'did not run'}; "
+                        f"expected {'it' if expected else 'no run'}"
+                    )
             if tile:
                 raise Mismatch(f"{case.name}: the tensorcore set ran SIMT tile kernels: {tile[:2]}")
             return

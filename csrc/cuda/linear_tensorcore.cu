@@ -7,7 +7,9 @@
 //            (t itself, float32, written out when the forward saves it);
 //   phase 2  y = z Uᵀ + bias, output tiles of BN = 128 columns streamed through the same pipeline,
 //            bias added in float32 in the epilogue.
-// t never goes to global memory unless asked. A full (r, r) core is folded into U first (U S,
+// t never goes to global memory unless asked. The backward's first pass, g = dy U (float32) and
+// dbias, is phase 1 again over dy (linear_grad_g_tc_kernel); the rest of the backward is the
+// composition's (linear_backward_cublas_given). A full (r, r) core is folded into U first (U S,
 // one small GEMM), so the kernel only ever scales by a vector (or by nothing).
 // Small batches: the output columns are split over grid.y so that every SM has a block (each
 // block recomputes its rows' t, which costs B·in·r and reads V from L2).
@@ -102,6 +104,7 @@ struct Args {
   const void* bias;  // (out) or nullptr
   void* y;           // (batch, out)
   float* t;          // (batch, r) float32 or nullptr
+  float* col_sums;   // grad kernel: (row blocks, in) float32 column sums of x's tiles, or nullptr
   int64_t batch, in, out, r;
   int n_tiles;       // ceil(out / kBN)
   bool vec_x;        // 16-byte cp.async for x (in % 8 == 0, x 16-byte aligned)
@@ -151,9 +154,11 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
                     d[3]);
 }
 
-// RP: r padded to a multiple of 32 (32, 64, 128 or 256).
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Args a) {
+// RP: r padded to a multiple of 32 (32, 64, 128 or 256). kGrad: phase 1 only, for the
+// backward's first pass (x = dy, V = U, in = out): t = dy U written to a.t, and the column sums
+// of dy's tiles (dbias, summed over row blocks by the host) to a.col_sums.
+template <typename T, int RP, bool kGrad>
+__device__ __forceinline__ void tc_body(const Args& a) {
   using L = Smem<RP>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* pipe = reinterpret_cast<T*>(smem_raw);
@@ -242,6 +247,16 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
         }
       }
     }
+    if constexpr (kGrad) {  // dbias: this block's column sums of the stage, in a fixed order
+      if (a.col_sums != nullptr) {
+        for (int c = tid; c < kBK1; c += kThreads) {
+          const int64_t col = static_cast<int64_t>(step) * kBK1 + c;
+          float sum = 0.0f;
+          for (int row = 0; row < kBM; ++row) sum += Mma<T>::to_float(xs[row * L::kXStride + c]);
+          if (col < a.in) a.col_sums[static_cast<int64_t>(blockIdx.x) * a.in + col] = sum;
+        }
+      }
+    }
   }
   cute::cp_async_wait<0>();
 
@@ -262,8 +277,10 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
       for (int h = 0; h < 2; ++h) {
         const int row = wm * 32 + i * 16 + lane / 4 + h * 8;
         const float t0 = acc1[i][j][2 * h], t1 = acc1[i][j][2 * h + 1];
-        *reinterpret_cast<uint32_t*>(zs + row * L::kZStride + col) =
-            Mma<T>::pack(t0 * s0, t1 * s1);
+        if constexpr (!kGrad) {
+          *reinterpret_cast<uint32_t*>(zs + row * L::kZStride + col) =
+              Mma<T>::pack(t0 * s0, t1 * s1);
+        }
         if (write_t && m0 + row < a.batch) {
           float* trow = a.t + (m0 + row) * a.r;
           if (col < a.r) trow[col] = t0;
@@ -272,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
       }
     }
   }
+  if constexpr (kGrad) return;
   __syncthreads();  // z complete; the pipeline buffers are free for phase 2
 
   // ---- phase 2: y = z Uᵀ + bias over this block's output tiles ------------------------------
@@ -374,36 +392,61 @@ __global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Ar
   cute::cp_async_wait<0>();
 }
 
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 1) linear_forward_tc_kernel(const Args a) {
+  tc_body<T, RP, false>(a);
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 1) linear_grad_g_tc_kernel(const Args a) {
+  tc_body<T, RP, true>(a);
+}
+
+template <typename T, int RP, bool kGrad>
+constexpr auto tc_kernel() {
+  if constexpr (kGrad) return linear_grad_g_tc_kernel<T, RP>;
+  else return linear_forward_tc_kernel<T, RP>;
+}
+
 // Opt every (kernel, device) into its shared memory once: the size is fixed per kernel, so no
 // call can ever lower it under another (the defect D1 of the SIMT kernels cannot happen here).
-template <typename T, int RP>
+template <typename T, int RP, bool kGrad>
 void ensure_smem_attribute(int device) {
   static std::mutex mutex;
   static uint64_t done = 0;  // bit d: set on device d (devices >= 64 re-set it on every call)
   const std::lock_guard<std::mutex> lock(mutex);
   const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
   if (bit != 0 && (done & bit) != 0) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(linear_forward_tc_kernel<T, RP>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tc_kernel<T, RP, kGrad>(),
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Smem<RP>::kBytes));
   done |= bit;
 }
 
-template <typename T, int RP>
+template <typename T, int RP, bool kGrad>
 void launch(const Args& args, int64_t m_blocks, int splits, int device, cudaStream_t stream) {
-  ensure_smem_attribute<T, RP>(device);
+  ensure_smem_attribute<T, RP, kGrad>(device);
   const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(splits));
-  linear_forward_tc_kernel<T, RP><<<grid, kThreads, Smem<RP>::kBytes, stream>>>(args);
+  tc_kernel<T, RP, kGrad>()<<<grid, kThreads, Smem<RP>::kBytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void launch_rank(const Args& args, int64_t m_blocks, int splits, int device,
+template <bool kGrad>
+void launch_rank(const Args& args, at::ScalarType dtype, int64_t m_blocks, int splits,
                  cudaStream_t stream) {
-  if (args.r <= 32) return launch<T, 32>(args, m_blocks, splits, device, stream);
-  if (args.r <= 64) return launch<T, 64>(args, m_blocks, splits, device, stream);
-  if (args.r <= 128) return launch<T, 128>(args, m_blocks, splits, device, stream);
-  return launch<T, 256>(args, m_blocks, splits, device, stream);
+  const int device = c10::cuda::current_device();
+  const auto by_rank = [&](auto tag) {
+    using T = decltype(tag);
+    if (args.r <= 32) return launch<T, 32, kGrad>(args, m_blocks, splits, device, stream);
+    if (args.r <= 64) return launch<T, 64, kGrad>(args, m_blocks, splits, device, stream);
+    if (args.r <= 128) return launch<T, 128, kGrad>(args, m_blocks, splits, device, stream);
+    return launch<T, 256, kGrad>(args, m_blocks, splits, device, stream);
+  };
+  if (dtype == at::kHalf) {
+    by_rank(__half{});
+  } else {
+    by_rank(__nv_bfloat16{});
+  }
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -473,14 +516,47 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
   }
   splits = std::min<int64_t>(splits, 65535);
 
-  const int device = x.get_device();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (dtype == at::kHalf) {
-    launch_rank<__half>(args, m_blocks, static_cast<int>(splits), device, stream);
-  } else {
-    launch_rank<__nv_bfloat16>(args, m_blocks, static_cast<int>(splits), device, stream);
-  }
+  launch_rank<false>(args, dtype, m_blocks, static_cast<int>(splits),
+                     at::cuda::getCurrentCUDAStream());
   return {y.view(out_shape), t};
+}
+
+LinearGrads linear_backward_tensorcore(const at::Tensor& grad_y, const at::Tensor& x,
+                                       const at::Tensor& t, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V,
+                                       std::array<bool, 5> output_mask) {
+  const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCUDA);
+  const auto [need_dx, need_dU, need_dS, need_dV, need_db] = output_mask;
+  // g = dy U feeds dx, dV and dS; dbias alone is a plain column sum, cheaper without g.
+  const bool need_g = need_dx || need_dV || need_dS;
+  if (!need_g || !tensorcore_takes(x, sz.rank) || sz.batch == 0 || sz.out_features == 0) {
+    return linear_backward_cublas(grad_y, x, t, U, S, V, output_mask);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor dy2 = grad_y.reshape({sz.batch, sz.out_features}).contiguous();
+  const at::Tensor Uc = U.contiguous();
+  const int64_t m_blocks = (sz.batch + kBM - 1) / kBM;
+  TORCH_CHECK(m_blocks <= std::numeric_limits<int32_t>::max(),
+              "lowrank_ext.linear (tensorcore): batch ", sz.batch, " needs more than 2^31-1 blocks");
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor g = at::empty({sz.batch, sz.rank}, f32);
+  at::Tensor col_sums = need_db ? at::empty({m_blocks, sz.out_features}, f32) : at::Tensor();
+
+  // The first pass over dy: the forward kernel's phase 1 with x = dy, V = U, in = out.
+  Args args{};
+  args.x = dy2.data_ptr();
+  args.V = Uc.data_ptr();
+  args.t = g.data_ptr<float>();
+  args.col_sums = need_db ? col_sums.data_ptr<float>() : nullptr;
+  args.batch = sz.batch;
+  args.in = sz.out_features;
+  args.r = sz.rank;
+  args.vec_x = sz.out_features % 8 == 0 && aligned16(dy2);
+  args.vec_r = sz.rank % 8 == 0 && aligned16(Uc);
+  launch_rank<true>(args, x.scalar_type(), m_blocks, 1, at::cuda::getCurrentCUDAStream());
+  const at::Tensor db = need_db ? col_sums.sum(0).to(x.scalar_type()) : at::Tensor();
+  return linear_backward_cublas_given(grad_y, x, t, U, S, V, output_mask, g, db);
 }
 
 }  // namespace lowrank_ext
