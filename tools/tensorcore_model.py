@@ -79,8 +79,9 @@ def tile(src, r0: int, c0: int, rows: int, cols: int, width: int):
     return out
 
 
-def forward(x, V, U, s, bias, sms: int = 132):
-    """(y, t) as the kernel computes them (s None: a full core already folded into U)."""
+def forward(x, V, U, s, bias, sms: int = 132, col_sums=None):
+    """(y, t) as the kernel computes them (s None: a full core already folded into U). With
+    col_sums, a (row blocks, in) array, also the grad kernel's column sums of x's tiles."""
     B, n = x.shape
     m, r = U.shape
     rp = padded_rank(r)
@@ -97,6 +98,9 @@ def forward(x, V, U, s, bias, sms: int = 132):
             for k0 in range(0, n, bk1):
                 xs = tile(x, m0, k0, BM, bk1, bk1 + PAD)
                 vs = tile(V, k0, 0, bk1, rp, rp + PAD)
+                if col_sums is not None and by == 0:
+                    cols = min(bk1, n - k0)
+                    col_sums[bx, k0 : k0 + cols] = xs[:, :cols].sum(0)
                 for w in range(WARPS):
                     wm, wn = w % 2, w // 2
                     for kk in range(0, bk1, 16):
@@ -175,13 +179,20 @@ SHAPES = [(67, 45, 77, 17, 132), (3, 64, 130, 40, 132), (10, 50, 70, 100, 132),
 
 
 def check(B: int, n: int, m: int, r: int, sms: int, seed: int = 0) -> float:
-    """Largest |error| of the model's y and t against float64 numpy (NaN: an element unwritten)."""
+    """Largest |error| of the model's y, t and column sums against float64 numpy (NaN: an
+    element nobody wrote)."""
     rng = np.random.default_rng(seed)
     x, V, U = rng.standard_normal((B, n)), rng.standard_normal((n, r)), rng.standard_normal((m, r))
     s, bias = rng.standard_normal(r), rng.standard_normal(m)
-    y, t = forward(x, V, U, s, bias, sms)
+    sums = np.full((-(-B // BM), n), np.nan)
+    y, t = forward(x, V, U, s, bias, sms, col_sums=sums)
     want_t = x @ V
-    return max(np.abs(y - ((want_t * s) @ U.T + bias)).max(), np.abs(t - want_t).max())
+    errors = [
+        np.abs(y - ((want_t * s) @ U.T + bias)).max(),
+        np.abs(t - want_t).max(),  # t = x V is also the first pass's g = dy U, with dy for x
+        np.abs(sums.sum(0) - x.sum(0)).max(),  # dbias = column sums of dy over the row blocks
+    ]
+    return float(np.max(errors))  # NaN if any is
 
 
 def main() -> int:
