@@ -25,8 +25,8 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer, where initcheck do
 Unless --no-profile, the fused backend's tile cases also run under torch.profiler, and the names
 of the kernels that ran are checked against the tile height this file predicts (a different tile
 height is an error; names that cannot be read are a warning); so do the tensorcore cases, whose
-kernel must run exactly where tensorcore_takes says (float16/bfloat16, 1 <= r <= 256, out > 0,
-batch > 0) and nowhere else.
+forward kernel must run exactly where tensorcore_takes says (float16/bfloat16, 1 <= r <= 256,
+out > 0, batch > 0) and its backward's first pass where, in addition, g = dy U is needed.
 
 The tile map below ports pick_tile_rows/tile_smem_elems of csrc/cuda/linear.cu: keep them in step.
 Only the standard library is imported at module level, so --list and the tile map work anywhere.
