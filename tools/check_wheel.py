@@ -85,12 +85,13 @@ def check_cubins(library: Path, archs: str, cuobjdump: str) -> None:
     print(elves + ptx, end="")
 
 
-# csrc/cuda/linear_tensorcore.cu's kernel, and the SASS instruction of its mma.sync m16n8k16.
-TENSORCORE_KERNEL = "linear_forward_tc_kernel"
+# csrc/cuda/linear_tensorcore.cu's kernels (the forward and the backward's first pass); HMMA is
+# the SASS of their mma.sync m16n8k16.
+TENSORCORE_KERNELS = ("linear_forward_tc_kernel", "linear_grad_g_tc_kernel")
 
 
 def check_tensorcore_sass(library: Path, archs: str, cuobjdump: str) -> None:
-    """Every listed arch's cubin of the tensor-core kernels holds HMMA in each of them."""
+    """Every listed arch's cubin holds each tensor-core kernel, with HMMA in every instance."""
     for arch in archs.split(";"):
         sm = "sm_" + arch.removesuffix("+PTX").replace(".", "")
         sass = subprocess.run(
@@ -99,32 +100,31 @@ def check_tensorcore_sass(library: Path, archs: str, cuobjdump: str) -> None:
             text=True,
             check=True,
         ).stdout
-        kernels = tensorcore_sass_by_kernel(sass)
-        if not kernels:
-            fail(f"{library.name}: no {TENSORCORE_KERNEL} in the {sm} SASS")
-        without = [name for name, body in kernels.items() if "HMMA" not in body]
-        if without:
-            fail(
-                f"{library.name}: {sm} SASS of {without[0]} holds no HMMA (tensor-core) instruction"
-            )
-        hmma = sum(body.count("HMMA") for body in kernels.values())
-        print(f"{sm}: {len(kernels)} {TENSORCORE_KERNEL} instances, {hmma} HMMA instructions")
+        functions = sass_by_function(sass)
+        for kernel in TENSORCORE_KERNELS:
+            bodies = {name: body for name, body in functions.items() if kernel in name}
+            if not bodies:
+                fail(f"{library.name}: no {kernel} in the {sm} SASS")
+            without = [name for name, body in bodies.items() if "HMMA" not in body]
+            if without:
+                fail(f"{library.name}: {sm} SASS of {without[0]} holds no HMMA instruction")
+            hmma = sum(body.count("HMMA") for body in bodies.values())
+            print(f"{sm}: {len(bodies)} {kernel} instances, {hmma} HMMA instructions")
 
 
-def tensorcore_sass_by_kernel(sass: str) -> dict[str, str]:
-    """{mangled name: its SASS} for the tensor-core kernels of a cuobjdump -sass listing."""
-    kernels, name, body = {}, None, []
+def sass_by_function(sass: str) -> dict[str, str]:
+    """{mangled name: its SASS} of a cuobjdump -sass listing."""
+    functions, name, body = {}, None, []
     for line in sass.splitlines():
         if "Function : " in line:
             if name:
-                kernels[name] = "\n".join(body)
-            found = line.split("Function : ", 1)[1].strip()
-            name, body = (found if TENSORCORE_KERNEL in found else None), []
+                functions[name] = "\n".join(body)
+            name, body = line.split("Function : ", 1)[1].strip(), []
         elif name:
             body.append(line)
     if name:
-        kernels[name] = "\n".join(body)
-    return kernels
+        functions[name] = "\n".join(body)
+    return functions
 
 
 def installed(kind: str, archs: str, cuobjdump: str | None) -> None:
