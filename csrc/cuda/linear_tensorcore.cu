@@ -1,25 +1,26 @@
-// lowrank_ext::linear forward on tensor cores (sm_80 mma.sync; runs on sm_80/86/89/90): the
+// lowrank_ext::linear on tensor cores (sm_80 mma.sync; runs on sm_80/86/89/90): the
 // "tensorcore" CUDA kernels (backend.h), opt-in until a GPU measurement says they beat "cublas".
 //
-// One launch, a back-to-back GEMM per block of BM = 64 rows of x:
+// Forward, one launch, a back-to-back GEMM per block of BM = 64 rows of x:
 //   phase 1  t = x V over all of in (cp.async 3- or 4-stage pipeline, ldmatrix, mma m16n8k16,
-//            float32 accumulators in registers), then z = t ⊙ s rounded to x's dtype into shared memory
-//            (t itself, float32, written out when the forward saves it);
-//   phase 2  y = z Uᵀ + bias, output tiles of BN = 128 columns streamed through the same pipeline,
-//            bias added in float32 in the epilogue.
-// t never goes to global memory unless asked. The backward's first pass, g = dy U (float32) and
-// dbias, is phase 1 again over dy (linear_grad_g_tc_kernel); the rest of the backward is the
-// composition's (linear_backward_cublas_given). A full (r, r) core is folded into U first (U S,
+//            float32 accumulators in registers), then z = t ⊙ s rounded to x's dtype into
+//            shared memory (t itself, float32, written out when the forward saves it);
+//   phase 2  y = z Uᵀ + bias, output tiles of BN = 128 columns streamed through the same
+//            pipeline, bias added in float32 in the epilogue.
+// t never goes to global memory unless asked. A full (r, r) core is folded into U first (U S,
 // one small GEMM), so the kernel only ever scales by a vector (or by nothing).
 // Small batches: the output columns are split over grid.y so that every SM has a block (each
 // block recomputes its rows' t, which costs B·in·r and reads V from L2).
+// Backward: its first pass, g = dy U (float32) and dbias, is phase 1 again over dy
+// (linear_grad_g_tc_kernel); the other gradients are the composition's
+// (linear_backward_cublas_given).
 //
-// Limits (else linear_forward_tensorcore runs the cuBLAS composition, see tensorcore_takes):
-// float16/bfloat16 only, 1 <= r <= kMaxRank (r is padded to 32/64/128/256 with zeros).
-// Any batch (0 included), any in/out: rows, columns and k past the end are predicated (zero
-// fill). 16-byte cp.async needs in % 8 == 0 and an aligned x (for x's tiles), r % 8 == 0 and
-// aligned U, V (for theirs); otherwise the same kernel loads those tiles element by element
-// (slower, same results). Offsets are int64.
+// Limits (else the cuBLAS composition runs, see tensorcore_takes): float16/bfloat16 only,
+// 1 <= r <= kTensorcoreMaxRank = 256 (r is padded to 32/64/128/256 with zeros). Any batch (0
+// included), any in/out: rows, columns and k past the end are predicated (zero fill). 16-byte
+// cp.async needs in % 8 == 0 and an aligned x (for x's tiles), r % 8 == 0 and aligned U, V (for
+// theirs); otherwise the same kernel loads those tiles element by element (slower, same
+// results). Offsets are int64.
 #include "linear.h"
 
 #include <ATen/ATen.h>
@@ -505,7 +506,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
 
   const int64_t m_blocks = (sz.batch + kBM - 1) / kBM;
   TORCH_CHECK(m_blocks <= std::numeric_limits<int32_t>::max(),
-              "lowrank_ext.linear (tensorcore): batch ", sz.batch, " needs more than 2^31-1 blocks");
+              "lowrank_ext.linear (tensorcore): batch ", sz.batch,
+              " needs more than 2^31-1 row blocks");
   // Split the output columns over grid.y until every SM has a block, when the row blocks fill
   // at most half the SMs (each split recomputes its rows' t: at B = 8192, 128 row blocks on 132
   // SMs, reading x twice would cost more than the 4 idle SMs).
@@ -538,7 +540,8 @@ LinearGrads linear_backward_tensorcore(const at::Tensor& grad_y, const at::Tenso
   const at::Tensor Uc = U.contiguous();
   const int64_t m_blocks = (sz.batch + kBM - 1) / kBM;
   TORCH_CHECK(m_blocks <= std::numeric_limits<int32_t>::max(),
-              "lowrank_ext.linear (tensorcore): batch ", sz.batch, " needs more than 2^31-1 blocks");
+              "lowrank_ext.linear (tensorcore): batch ", sz.batch,
+              " needs more than 2^31-1 row blocks");
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor g = at::empty({sz.batch, sz.rank}, f32);
   at::Tensor col_sums = need_db ? at::empty({m_blocks, sz.out_features}, f32) : at::Tensor();
