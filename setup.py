@@ -7,6 +7,12 @@ LOWRANK_LOCAL_VERSION=auto appends a PEP 440 local label naming what the binary 
 0.1.0+cu130.torch2.14 or 0.1.0+cpu.torch2.13 (tools/build_wheel.py sets it); any other
 non-empty value is used as the label itself.
 
+The tensor-core kernels (csrc/cuda/linear_tensorcore.cu, lowrank_ext.set_cuda_kernels("tensorcore"))
+need the CUTLASS 4.2 headers (cute/, cutlass/): CUTLASS_PATH (a CUTLASS checkout or its include
+folder) or the installed `nvidia-cutlass==4.2.0.0` package. Without them a CUDA build leaves those
+kernels out, says so at build time and in build_info()["tensorcore_kernels"];
+LOWRANK_EXT_REQUIRE_CUTLASS=1 makes a missing CUTLASS a build error instead.
+
 Build against the torch you already have: pip install --no-build-isolation -e .
 """
 
@@ -60,6 +66,40 @@ def build_with_cuda() -> bool:
     return torch.version.cuda is not None and nvcc
 
 
+def cutlass_include() -> Path | None:
+    """The folder with the cute/ and cutlass/ headers: CUTLASS_PATH, else nvidia-cutlass's."""
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        root = Path(os.environ["CUTLASS_PATH"])
+        candidates += [root / "include", root]
+    else:
+        import importlib.util
+
+        # find_spec does not import the package (its Python side needs cuda-python).
+        spec = importlib.util.find_spec("cutlass_library")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(Path(location) / "source" / "include")
+    for folder in candidates:
+        if (folder / "cute" / "arch" / "mma_sm80.hpp").exists() and (folder / "cutlass").is_dir():
+            return folder
+    if os.environ.get("LOWRANK_EXT_REQUIRE_CUTLASS") == "1":
+        where = (
+            f"CUTLASS_PATH={os.environ['CUTLASS_PATH']}"
+            if os.environ.get("CUTLASS_PATH")
+            else "the nvidia-cutlass package (not installed)"
+        )
+        raise RuntimeError(
+            f"LOWRANK_EXT_REQUIRE_CUTLASS=1 but {where} holds no CUTLASS headers "
+            "(cute/arch/mma_sm80.hpp); pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_PATH"
+        )
+    print(
+        "lowrank_ext: no CUTLASS headers found (CUTLASS_PATH or pip install "
+        "nvidia-cutlass==4.2.0.0); building the CUDA kernels without the tensor-core set",
+        file=sys.stderr,
+    )
+    return None
+
+
 def local_version_label(with_cuda: bool) -> str:
     """The wheel's local label: torch major.minor (the ABI the binary needs) and CUDA or cpu."""
     label = os.environ.get("LOWRANK_LOCAL_VERSION", "")
@@ -93,16 +133,23 @@ def write_build_config(with_cuda: bool, archs: str) -> None:
 with_cuda = build_with_cuda()
 cxx_flags = ["-O3", "-fopenmp"]
 link_flags = ["-fopenmp"]
+cutlass = cutlass_include() if with_cuda else None
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    cuda_sources = sources("csrc/cuda/*.cu")
+    macros = [("LOWRANK_EXT_WITH_CUDA", "1")]
+    if cutlass is None:
+        cuda_sources.remove(str(Path("csrc", "cuda", "linear_tensorcore.cu")))
+    else:
+        macros.append(("LOWRANK_EXT_WITH_TENSORCORE", "1"))
     extension = CUDAExtension(
         "lowrank_ext._C",
         sources("csrc/*.cpp")
         + sources("csrc/autograd/*.cpp")
         + sources("csrc/cpu/*.cpp")
-        + sources("csrc/cuda/*.cu"),
-        include_dirs=[str(ROOT / "csrc")],
-        define_macros=[("LOWRANK_EXT_WITH_CUDA", "1")],
+        + cuda_sources,
+        include_dirs=[str(ROOT / "csrc")] + ([str(cutlass)] if cutlass else []),
+        define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link_flags,
     )

@@ -34,6 +34,10 @@ PASSES = ("fwd", "fwd+bwd")
 BAR = ("two_linear", "compiled")
 DEFAULT_IMPLS = ("fused", *BAR, "dense")
 IMPLS = (*DEFAULT_IMPLS, "eager", "chained")
+# lowrank_ext.linear with set_cuda_kernels("tensorcore") for its forward: CUDA only, so not in
+# IMPLS; run.py adds it to the --device cuda table when the build has it. Its backward is the
+# default's.
+TENSORCORE = "tensorcore"
 MAX_AUTOTUNE = "compiled-max-autotune"  # opt-in: compiling it takes minutes
 
 DTYPES = {
@@ -172,6 +176,20 @@ def compiled_formula(mode: str):
     return _COMPILED[mode]
 
 
+def tensorcore_linear(*args):
+    """lowrank_ext.linear with the tensorcore forward: the process-wide switch is set for this
+    call only, through the C functions (two ~0.1 µs calls), so the default column keeps its own
+    kernels while the implementations are timed round-robin."""
+    from lowrank_ext import ops
+
+    previous = ops._cuda_kernels()
+    ops._set_cuda_kernels(TENSORCORE)
+    try:
+        return lowrank_ext.linear(*args)
+    finally:
+        ops._set_cuda_kernels(previous)
+
+
 def forward_fn(impl: str, problem: Problem):
     """(x -> y, {name: parameter} for the parameters whose gradients the backward computes)."""
     p = problem
@@ -185,6 +203,7 @@ def forward_fn(impl: str, problem: Problem):
         }
     formula = {
         "fused": lowrank_ext.linear,
+        TENSORCORE: tensorcore_linear,
         "eager": reference.linear,
         "chained": reference.linear_chained,
         "compiled": lambda *a: compiled_formula("default")(*a),

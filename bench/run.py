@@ -9,7 +9,9 @@ Rows: small-batch (B ∈ {1, 16, 64} × in→out ∈ {768→768, 768→3072, 409
 64}) and large (CPU fp32 B=4096, CUDA bf16 B=8192, in=out=4096, r ∈ {16, 64, 256}; --full adds
 more), each forward under no_grad and forward+backward. Implementations (cases.py): fused, then
 two_linear (two nn.Linear layers) and compiled (torch.compile of the unfused formula) — the
-baselines that are the bar — and dense; eager and chained only with --impls.
+baselines that are the bar — and dense; eager and chained only with --impls. On a GPU whose build
+has the tensor-core kernels, "tensorcore" (the opt-in forward of set_cuda_kernels("tensorcore"))
+is timed beside fused (the default kernels) in the same run.
 
 Prints a Markdown table (median time per call of each implementation, the speedup of the fused
 op = baseline median / fused median, > 1: fused is faster, and the fused op's effective
@@ -47,6 +49,7 @@ from cases import (
     MAX_AUTOTUNE,
     PASSES,
     PRESETS,
+    TENSORCORE,
     dtype_name,
     is_small,
     make_problem,
@@ -101,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--impls",
         nargs="+",
-        choices=[*IMPLS, MAX_AUTOTUNE],
+        choices=[*IMPLS, MAX_AUTOTUNE, TENSORCORE],
         help=f"default: {' '.join(DEFAULT_IMPLS)}",
     )
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
@@ -147,15 +150,32 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} logical cores, torch threads={torch.get_num_threads()}"
 
 
+def tensorcore_column(args, device: torch.device, impls: list[str]) -> list[str]:
+    """On a GPU the default table gains a "tensorcore" column (the opt-in tensor-core forward,
+    timed beside "fused", the default cuBLAS composition) when the build has those kernels; its
+    ratio is tensorcore / fused time, < 1: the tensor-core kernel is faster. Asked for by name
+    (--impls tensorcore) where it cannot run, it is an error."""
+    available = device.type == "cuda" and lowrank_ext.build_info()["tensorcore_kernels"]
+    if TENSORCORE in impls and not available:
+        sys.exit(
+            "--impls tensorcore: needs --device cuda and a build with the tensor-core kernels "
+            f"(tensorcore_kernels: {lowrank_ext.build_info()['tensorcore_kernels']})"
+        )
+    if available and args.impls is None and TENSORCORE not in impls:
+        impls = impls[:1] + [TENSORCORE] + impls[1:]
+    return impls
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
     impls = list(args.impls or DEFAULT_IMPLS) + ([MAX_AUTOTUNE] if args.max_autotune else [])
-    impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE].index)
+    impls = sorted(dict.fromkeys(impls), key=[*IMPLS, MAX_AUTOTUNE, TENSORCORE].index)
     if device.type == "cuda" and "fused" in impls and not lowrank_ext.build_info()["cuda_kernels"]:
         sys.exit("lowrank_ext was built without CUDA kernels; rebuild with nvcc on PATH")
+    impls = tensorcore_column(args, device, impls)
     dtypes = [parse_dtype(d) for d in (args.dtype or DEFAULT_DTYPES[device.type])]
     shapes = select_shapes(args, device.type)
     cuda = device.type == "cuda"
@@ -170,6 +190,7 @@ def main(argv=None) -> int:
     )
 
     records: list[dict] = []
+    dropped: dict[str, str] = {}  # an opt-in implementation that failed its check, and why
     dense_done: dict[tuple, dict] = {}  # dense does not depend on the rank: time it once per shape
     bar = tqdm(total=len(dtypes) * len(shapes) * len(args.passes), file=sys.stderr, unit="row")
     for dtype in dtypes:
@@ -183,11 +204,24 @@ def main(argv=None) -> int:
                 label = f"{shape.label()} {dtype_name(dtype)} {pass_}"
                 dense_key = (shape.batch, shape.in_features, shape.out_features, dtype, pass_)
                 steps, first_call = {}, {}
-                for impl in impls:
+                for impl in list(impls):
                     if not (impl == "dense" and dense_key in dense_done):
                         bar.set_description(f"{label}: check {impl}")
                         steps[impl] = make_step(impl, problem, pass_)
-                        first_call[impl] = check_first_call(impl, pass_, problem, ref, steps[impl])
+                        try:
+                            first_call[impl] = check_first_call(
+                                impl, pass_, problem, ref, steps[impl]
+                            )
+                        except (AssertionError, RuntimeError) as exc:
+                            if impl != TENSORCORE:
+                                raise
+                            # The opt-in kernel under test must not cost the default table.
+                            dropped[TENSORCORE] = f"{label}: {type(exc).__name__}: {exc}"
+                            print(
+                                f"tensorcore column dropped: {dropped[TENSORCORE]}", file=sys.stderr
+                            )
+                            impls.remove(TENSORCORE)
+                            del steps[impl]
                 bar.set_description(f"{label}: timing")
                 calls = {n: calls_per_sample(s, device, copies, target_s) for n, s in steps.items()}
                 repeats = args.repeats or (50 if cuda else 30 if max(calls.values()) > 1 else 7)
@@ -237,6 +271,7 @@ def main(argv=None) -> int:
         "preset": args.preset,
         "full": args.full,
         "impls": impls,
+        "dropped": dropped,
         "bar": list(BAR),
         "repeats": args.repeats or ("50" if cuda else "30 looped, 7 single-call"),
         "warmup": warmup,

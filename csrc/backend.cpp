@@ -18,6 +18,25 @@ void set_cuda_kernels(CudaKernels kernels) {
   g_cuda_kernels.store(static_cast<int>(kernels), std::memory_order_relaxed);
 }
 
+bool tensorcore_kernels_built() {
+#ifdef LOWRANK_EXT_WITH_TENSORCORE
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* tensorcore_missing_reason() {
+#if defined(LOWRANK_EXT_WITH_TENSORCORE)
+  return "";
+#elif defined(LOWRANK_EXT_WITH_CUDA)
+  return "this CUDA build of lowrank_ext found no CUTLASS headers (pip install "
+         "nvidia-cutlass==4.2.0.0 or set CUTLASS_PATH, then rebuild; see README 'CUDA kernels')";
+#else
+  return "this build of lowrank_ext has no CUDA kernels (built without CUDA)";
+#endif
+}
+
 const char* cpu_gemm_path() { return cpu::cpu_blas_name(); }
 
 }  // namespace lowrank_ext

@@ -6,7 +6,14 @@ namespace lowrank_ext {
 enum class CudaKernels : int {
   kCublas = 0,  // default: cuBLAS GEMMs composed inside the op (tensor cores, every arch)
   kFused = 1,   // the SIMT fused kernels of cuda/linear.cu (opt-in; no tensor cores)
+  kTensorcore = 2,  // forward on the mma.sync kernel of cuda/linear_tensorcore.cu (opt-in),
+                    // what it does not take (and every backward) on kCublas
 };
+
+// Whether this build holds the tensor-core kernels (a CUDA build that found CUTLASS headers).
+bool tensorcore_kernels_built();
+// Why not, in words, when tensorcore_kernels_built() is false.
+const char* tensorcore_missing_reason();
 
 CudaKernels cuda_kernels();
 void set_cuda_kernels(CudaKernels kernels);

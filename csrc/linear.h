@@ -68,6 +68,14 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_fused(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& bias,
                                                         bool save_t);
 
+// The tensor-core forward (cuda/linear_tensorcore.cu, built only with CUTLASS headers, macro
+// LOWRANK_EXT_WITH_TENSORCORE): float16/bfloat16 and 1 <= r <= 256 (tensorcore_takes); any other
+// call runs linear_forward_cublas. The backward of the "tensorcore" set is linear_backward_cublas.
+std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+    const std::optional<at::Tensor>& bias, bool save_t);
+bool tensorcore_takes(const at::Tensor& x, int64_t rank);
+
 // t = x V as the CUDA forwards save it (dtype saved_t_dtype), from x as (batch, in).
 at::Tensor saved_t_cuda(const at::Tensor& x2, const at::Tensor& V);
 
@@ -86,6 +94,19 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                    const at::Tensor& V, std::array<bool, 5> output_mask);
+// The tensorcore backward: g = dy U and dbias from one pass over dy (the forward kernel's first
+// phase), the other gradients from linear_backward_cublas_given.
+LinearGrads linear_backward_tensorcore(const at::Tensor& grad_y, const at::Tensor& x,
+                                       const at::Tensor& t, const at::Tensor& U,
+                                       const at::Tensor& S, const at::Tensor& V,
+                                       std::array<bool, 5> output_mask);
+// linear_backward_cublas with g = dy U (float32 for half inputs) and dbias already computed
+// (either may be undefined: then computed here).
+LinearGrads linear_backward_cublas_given(const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& t, const at::Tensor& U,
+                                         const at::Tensor& S, const at::Tensor& V,
+                                         std::array<bool, 5> output_mask, const at::Tensor& g_given,
+                                         const at::Tensor& db_given);
 LinearGrads linear_backward_fused(const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                   const at::Tensor& V, std::array<bool, 5> output_mask);

@@ -15,16 +15,35 @@ PyObject* set_cuda_kernels(PyObject*, PyObject* arg) {
     lowrank_ext::set_cuda_kernels(lowrank_ext::CudaKernels::kCublas);
   } else if (name != nullptr && std::strcmp(name, "fused") == 0) {
     lowrank_ext::set_cuda_kernels(lowrank_ext::CudaKernels::kFused);
+  } else if (name != nullptr && std::strcmp(name, "tensorcore") == 0) {
+    if (!lowrank_ext::tensorcore_kernels_built()) {  // never a silent downgrade
+      PyErr_Format(PyExc_RuntimeError,
+                   "lowrank_ext.set_cuda_kernels('tensorcore'): not available: %s",
+                   lowrank_ext::tensorcore_missing_reason());
+      return nullptr;
+    }
+    lowrank_ext::set_cuda_kernels(lowrank_ext::CudaKernels::kTensorcore);
   } else {
-    PyErr_SetString(PyExc_ValueError, "_set_cuda_kernels: expected 'cublas' or 'fused'");
+    PyErr_SetString(PyExc_ValueError,
+                    "_set_cuda_kernels: expected 'cublas', 'fused' or 'tensorcore'");
     return nullptr;
   }
   Py_RETURN_NONE;
 }
 
 PyObject* cuda_kernels(PyObject*, PyObject*) {
-  return PyUnicode_FromString(
-      lowrank_ext::cuda_kernels() == lowrank_ext::CudaKernels::kFused ? "fused" : "cublas");
+  switch (lowrank_ext::cuda_kernels()) {
+    case lowrank_ext::CudaKernels::kFused:
+      return PyUnicode_FromString("fused");
+    case lowrank_ext::CudaKernels::kTensorcore:
+      return PyUnicode_FromString("tensorcore");
+    default:
+      return PyUnicode_FromString("cublas");
+  }
+}
+
+PyObject* tensorcore_kernels(PyObject*, PyObject*) {
+  return PyBool_FromLong(lowrank_ext::tensorcore_kernels_built() ? 1 : 0);
 }
 
 PyObject* cpu_gemm(PyObject*, PyObject*) {
@@ -34,6 +53,8 @@ PyObject* cpu_gemm(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"_set_cuda_kernels", set_cuda_kernels, METH_O, "Select the CUDA kernels of linear."},
     {"_cuda_kernels", cuda_kernels, METH_NOARGS, "The CUDA kernels linear runs."},
+    {"_tensorcore_kernels", tensorcore_kernels, METH_NOARGS,
+     "Whether this build holds the tensor-core kernels."},
     {"_cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM path: 'blas' or 'aten'."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -30,6 +30,7 @@ from .ops import (
     use_cuda_kernels,
 )
 from .ops import cpu_gemm as _cpu_gemm
+from .ops import tensorcore_kernels as _tensorcore_kernels
 from .training import OIALR, successive
 from .version import __version__
 
@@ -88,13 +89,27 @@ __all__ = [
 ]
 
 
+# What each choice of set_cuda_kernels runs, forward and backward.
+_CUDA_PATHS = {
+    "cublas": {"forward": "cublas", "backward": "cublas"},
+    "fused": {"forward": "fused", "backward": "fused"},
+    "tensorcore": {
+        "forward": "tensorcore (float16/bfloat16, r <= 256; else cublas)",
+        "backward": "tensorcore first pass (g = dy U and dbias; float16/bfloat16, r <= 256), "
+        "the rest cublas",
+    },
+}
+
+
 def build_info() -> dict:
     """What the compiled library was built against and which kernels it runs.
 
     Keys: version; torch_built_against / torch_running; cuda_kernels (bool: CUDA kernels are
     compiled in); cuda_version; cuda_archs (list of "8.0", "9.0+PTX", ...); cuda_backend (which
-    CUDA kernels `linear` runs now: "cublas" or "fused", see `set_cuda_kernels`); cpu_gemm (how
-    the CPU kernels multiply: "blas" or "aten"); cuda_device_available.
+    CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore", see `set_cuda_kernels`);
+    cuda_paths (what that choice runs: {"forward": ..., "backward": ...}); tensorcore_kernels
+    (bool: the tensor-core kernels are compiled in, i.e. a CUDA build that found CUTLASS);
+    cpu_gemm (how the CPU kernels multiply: "blas" or "aten"); cuda_device_available.
     """
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lowrank_ext::linear_forward", "CUDA"
@@ -107,6 +122,8 @@ def build_info() -> dict:
         "cuda_version": BUILD_CONFIG.CUDA_VERSION,
         "cuda_archs": BUILD_CONFIG.CUDA_ARCHS.split(";") if BUILD_CONFIG.CUDA_ARCHS else [],
         "cuda_backend": cuda_kernels(),
+        "cuda_paths": _CUDA_PATHS[cuda_kernels()],
+        "tensorcore_kernels": _tensorcore_kernels(),
         "cpu_gemm": _cpu_gemm(),
         "cuda_device_available": torch.cuda.is_available(),
     }

@@ -19,14 +19,19 @@ import torch
 from ._extension import load
 
 BUILD_CONFIG = load()
-from ._C import _cpu_gemm, _cuda_kernels, _set_cuda_kernels  # noqa: E402  (loaded by load())
+from ._C import (  # noqa: E402  (loaded by load())
+    _cpu_gemm,
+    _cuda_kernels,
+    _set_cuda_kernels,
+    _tensorcore_kernels,
+)
 
 _ops = torch.ops.lowrank_ext
 # Bound once: the op's own overload, so a call costs one Python frame before C++.
 _linear = _ops.linear.default
 _project_out = _ops.project_out.default
 
-CUDA_KERNELS = ("cublas", "fused")
+CUDA_KERNELS = ("cublas", "fused", "tensorcore")
 CUDA_KERNELS_ENV = "LOWRANK_EXT_CUDA_KERNELS"
 
 
@@ -37,7 +42,10 @@ def set_cuda_kernels(name: str) -> None:
         name: "cublas" (the default) — cuBLAS GEMMs composed inside the op: tensor cores on
             every architecture, cuBLAS's own accumulation; or "fused" — the SIMT kernels of
             csrc/cuda/linear.cu (one pass over x per tile, no tensor cores; opt-in, see README
-            "CUDA kernels").
+            "CUDA kernels"); or "tensorcore" — the forward on the mma.sync back-to-back-GEMM kernel
+            of csrc/cuda/linear_tensorcore.cu for float16/bfloat16 and r <= 256, and the
+            backward's first pass (g = dy U and dbias) on the same kernel (opt-in, not yet
+            measured on a GPU); every other call, and the rest of the backward, runs "cublas".
 
     Both give the same results to rounding and the same saved tensors, so the choice may change
     between calls, also after torch.compile or CUDA-graph capture (a graph keeps the kernels it
@@ -45,7 +53,9 @@ def set_cuda_kernels(name: str) -> None:
     the choice at import.
 
     Raises:
-        ValueError: name is not "cublas" or "fused".
+        ValueError: name is not "cublas", "fused" or "tensorcore".
+        RuntimeError: name is "tensorcore" but this build has no tensor-core kernels (built
+            without CUDA, or without the CUTLASS headers); the message says which.
     """
     if name not in CUDA_KERNELS:
         raise ValueError(
@@ -56,7 +66,7 @@ def set_cuda_kernels(name: str) -> None:
 
 
 def cuda_kernels() -> str:
-    """The CUDA kernels `linear` runs now: "cublas" or "fused" (see set_cuda_kernels)."""
+    """The CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore" (set_cuda_kernels)."""
     return _cuda_kernels()
 
 
@@ -73,6 +83,11 @@ def use_cuda_kernels(name: str) -> Iterator[None]:
         yield
     finally:
         set_cuda_kernels(previous)
+
+
+def tensorcore_kernels() -> bool:
+    """Whether this build holds the tensor-core kernels (a CUDA build that found CUTLASS)."""
+    return _tensorcore_kernels()
 
 
 def cpu_gemm() -> str:

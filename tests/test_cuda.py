@@ -25,8 +25,19 @@ from lowrank_ext import LowRankLinear, reference
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["cublas", "fused"]
+BACKENDS = ["cublas", "fused", "tensorcore"]
 GRADS = ("x", "U", "S", "V", "bias")
+
+
+def _require_tensorcore():
+    """The tensorcore set needs a build with CUTLASS headers. tools/gpu_check.py builds with
+    LOWRANK_EXT_REQUIRE_CUTLASS=1, under which its absence fails; elsewhere it skips, saying why."""
+    if lowrank_ext.build_info()["tensorcore_kernels"]:
+        return
+    why = "this build has no tensor-core kernels (no CUTLASS headers at build time)"
+    if os.environ.get("LOWRANK_EXT_REQUIRE_CUTLASS") == "1":
+        pytest.fail(why + ", and LOWRANK_EXT_REQUIRE_CUTLASS=1")
+    pytest.skip(why)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,6 +45,8 @@ def backend(request):
     """The test runs once with each CUDA kernel set of lowrank_ext.linear."""
     if not hasattr(lowrank_ext, "use_cuda_kernels"):
         pytest.fail("lowrank_ext.use_cuda_kernels is missing: issue 13's CUDA kernel switch")
+    if request.param == "tensorcore":
+        _require_tensorcore()
     with lowrank_ext.use_cuda_kernels(request.param):
         yield request.param
 
@@ -98,6 +111,7 @@ def test_tile_ranks_reach_every_simt_path(tile_map):
         assert rows == SM90_TILE_ROWS
 
 
+@pytest.mark.parametrize("backend", ["cublas", "fused"], indirect=True)  # float32: no tensorcore
 @pytest.mark.parametrize(
     "r, core", [(r, "diag") for r in TILE_RANKS] + [(r, "full") for r in (64, 300, 1400, 4100)]
 )
@@ -423,3 +437,117 @@ def test_project_out_64_bit_indexing():
     X = torch.ones(n, 1, device="cuda")
     Y = lowrank_ext.project_out(Q, X)
     assert Y[:-k].eq(1).all() and Y[-k:].abs().max() == 0
+
+
+# ---- the tensor-core forward (csrc/cuda/linear_tensorcore.cu) ------------------------------------
+
+TENSORCORE_KERNEL = "linear_forward_tc_kernel"
+TENSORCORE_GRAD_KERNEL = "linear_grad_g_tc_kernel"  # the backward's first pass: g = dy U, dbias
+
+
+@pytest.fixture
+def tensorcore():
+    _require_tensorcore()
+    with lowrank_ext.use_cuda_kernels("tensorcore"):
+        yield
+
+
+def _cuda_kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if str(e.device_type).endswith("CUDA")}
+
+
+# (batch shape, in, out, r): every padded rank (32, 64, 128, 256), 16-byte loads (in and r
+# multiples of 8) and element loads, a partial last row block, outputs split over blocks, and
+# several output tiles per block.
+TENSORCORE_SHAPES = [
+    ((67,), 48, 77, 16),
+    ((67,), 45, 77, 17),
+    ((3,), 64, 130, 40),
+    ((2, 5), 50, 70, 100),
+    ((130,), 32, 260, 256),
+    ((1,), 40, 300, 24),
+    ((4,), 3, 5, 1),
+    ((4300,), 16, 300, 8),  # 68 row blocks, more than half of an H200's SMs: no split,
+]  # so each block runs all three output tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("core", ["diag", "full"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch, n, m, r", TENSORCORE_SHAPES)
+def test_tensorcore_matches_float64(tensorcore, dtype, core, bias, batch, n, m, r):
+    args = make_factors(batch, n, m, r, core=core, bias=bias, dtype=dtype, device="cuda")
+    dy = torch.randn(*batch, m, dtype=dtype, device="cuda")
+    _poison_cache()
+    _assert_matches_float64(_forward_backward(args, dy), args, dy)
+    with torch.no_grad():  # the forward that saves no t
+        y = lowrank_ext.linear(*args)
+    rtol, atol = TOLERANCES[dtype]
+    want = reference.linear(*[None if a is None else a.cpu() for a in as_float64(*args)])
+    torch.testing.assert_close(y.double().cpu(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensorcore_empty_batch_and_non_contiguous_inputs(tensorcore, dtype):
+    x, U, S, V, b = make_factors((0,), 48, 40, 16, dtype=dtype, device="cuda")
+    y = lowrank_ext.linear(x, U, S, V, b)
+    assert y.shape == (0, 40)
+    x, U, S, V, b = make_factors((70,), 48, 40, 16, dtype=dtype, device="cuda")
+    # x transposed, U and V column-major, S and bias strided: the op copies what it must.
+    xt = x.t().contiguous().t()
+    Ut, Vt = U.t().contiguous().t(), V.t().contiguous().t()
+    S2 = torch.stack([S, S], 1)[:, 0]
+    b2 = torch.stack([b, b], 1)[:, 1]
+    assert not any(t.is_contiguous() for t in (xt, Ut, Vt, S2, b2))
+    dy = torch.randn(70, 40, dtype=dtype, device="cuda")
+    args = (xt, Ut, S2, Vt, b2)
+    _assert_matches_float64(_forward_backward(args, dy), args, dy)
+
+
+@pytest.mark.parametrize(
+    "dtype, r, expected",
+    [
+        (torch.bfloat16, 16, True),
+        (torch.float16, 256, True),
+        (torch.bfloat16, 257, False),  # above the largest rank it takes: the composition
+        (torch.float32, 16, False),  # float32 and float64: the composition
+        (torch.float64, 16, False),
+    ],
+)
+def test_tensorcore_kernel_runs_where_it_should(tensorcore, dtype, r, expected):
+    args = make_factors((33,), 40, 24, r, dtype=dtype, device="cuda")
+    names = _cuda_kernel_names(lambda: lowrank_ext.linear(*args))
+    assert any(TENSORCORE_KERNEL in n for n in names) == expected, sorted(names)
+    assert not any(TENSORCORE_GRAD_KERNEL in n for n in names), sorted(names)  # no backward
+    x, U, S, V, b = (t.requires_grad_() for t in args)
+    names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert any(TENSORCORE_GRAD_KERNEL in n for n in names) == expected, sorted(names)
+    U.grad = None
+    with lowrank_ext.use_cuda_kernels("cublas"):  # the default never runs them
+        names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert not any("_tc_kernel" in n for n in names), sorted(names)
+
+
+def test_tensorcore_backward_without_g_skips_the_first_pass(tensorcore):
+    # Only dU and dbias asked for: no g = dy U is needed, dbias alone is a column sum.
+    x, U, S, V, b = make_factors((70,), 64, 30, 24, dtype=torch.bfloat16, device="cuda")
+    U.requires_grad_()
+    b.requires_grad_()
+    names = _cuda_kernel_names(lambda: lowrank_ext.linear(x, U, S, V, b).sum().backward())
+    assert any(TENSORCORE_KERNEL in n for n in names), sorted(names)
+    assert not any(TENSORCORE_GRAD_KERNEL in n for n in names), sorted(names)
+    torch.testing.assert_close(b.grad.double(), torch.full((30,), 70.0, dtype=torch.float64))
+
+
+def test_tensorcore_saved_t_is_the_float32_x_v(tensorcore):
+    x, U, S, V, b = make_factors((70,), 64, 30, 24, dtype=torch.bfloat16, device="cuda")
+    y, t = torch.ops.lowrank_ext.linear_forward(x, U, S, V, b, True)
+    assert t.dtype == torch.float32 and t.shape == (70, 24)
+    want = x.double() @ V.double()
+    # bf16 products are exact in float32; 64 float32 additions (the tensor cores' may truncate)
+    torch.testing.assert_close(t.double(), want, rtol=1e-4, atol=1e-4)

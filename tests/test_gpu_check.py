@@ -85,6 +85,47 @@ def test_dry_run_of_a_subset_without_the_build(tmp_path):
     assert any("<python code> <device capability" in c for c in commands)
 
 
+def test_dry_run_installs_the_cutlass_wheel_and_requires_cutlass(tmp_path):
+    wheel = tmp_path / "nvidia_cutlass-4.2.0.0-py3-none-any.whl"
+    out = _run("gpu_check.py", "--dry-run", "--steps", "build", "tests", "--cutlass-wheel", wheel)
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if line.startswith("  $ ")]
+    install = [c for c in commands if str(wheel) in c]
+    assert (
+        len(install) == 1 and "pip install --no-build-isolation --no-deps --no-index" in install[0]
+    )
+    build = next(c for c in commands if " -e ." in c)
+    assert commands.index(install[0]) < commands.index(build)  # headers before the build
+    assert "LOWRANK_EXT_REQUIRE_CUTLASS=1" in build
+    tests = next(c for c in commands if "-m pytest" in c)
+    assert "LOWRANK_EXT_REQUIRE_CUTLASS=1" in tests  # a missing tensorcore set fails, never skips
+
+
+def test_reach_lists_the_tensorcore_cases():
+    out = _run("cuda_reach.py", "--list", "--quick", "--lowest")
+    assert out.returncode == 0, out.stderr
+    names = [line.strip() for line in out.stdout.splitlines() if "linear/tensorcore/" in line]
+    # every padded rank of the kernel (32, 64, 128, 256), both load paths, and the fallbacks
+    for r in ("r16/", "r17/", "r40/", "r100/", "r256/", "r257/"):
+        assert any(r in n for n in names), r
+    assert any("/B0/" in n for n in names) and any("/float32/" in n for n in names)
+    taken = [
+        cuda_reach.tensorcore_takes(c)
+        for c in cuda_reach.tensorcore_cases(("tensorcore",), True, True)
+    ]
+    assert taken.count(False) == 3  # the empty batch, float32 and r = 257
+
+
+def test_tensorcore_kernels_index_math_matches_float64():
+    # tools/tensorcore_model.py: the kernel's tiles, ldmatrix addresses, warp layout, column split
+    # and predicates, with ldmatrix and mma.m16n8k16 modelled from the PTX fragment layouts.
+    model = _load("tensorcore_model")
+    for shape in model.SHAPES:
+        assert model.check(*shape) < 1e-9, shape  # NaN (an element nobody wrote) fails too
+    # B = 1..64 at out = 4096 on 132 SMs: 32 blocks; B = 8192 (128 row blocks): no split
+    assert model.splits(1, 32, 132) == 32 and model.splits(128, 32, 132) == 1
+
+
 def test_unknown_step_is_refused():
     out = _run("gpu_check.py", "--dry-run", "--steps", "tests", "lint")
     assert out.returncode != 0
@@ -218,7 +259,7 @@ def test_reach_lists_its_cases_without_a_gpu():
     names = [n for n in names if n.startswith(("linear/", "project_out/"))]
     for dtype in cuda_reach.DTYPE_NAMES:
         for bm in (64, 16, 4, 1, 0):  # every tile height and the fallback, for every dtype
-            for backend in cuda_reach.BACKENDS:
+            for backend in cuda_reach.TILE_BACKENDS:
                 prefix = f"linear/{backend}/{dtype}/"
                 assert any(n.startswith(prefix) and n.endswith(f"/BM{bm}") for n in names)
     listed = "\n".join(names) + "\n"
@@ -340,6 +381,32 @@ def test_reach_reads_the_tile_height_from_kernel_names():
     with pytest.raises(cuda_reach.Mismatch, match="SIMT tile kernels"):
         runner.check_kernel_names(cublas, names)
     runner.check_kernel_names(cublas, ["ampere_sgemm_128x64_nn", "void at::native::reduce"])
+
+
+def test_reach_checks_where_the_tensorcore_kernel_ran():
+    runner = cuda_reach.Runner(torch, lowrank_ext, 0)
+    tc = "void lowrank_ext::(anonymous namespace)::linear_forward_tc_kernel<__nv_bfloat16, 32>()"
+    grad = "void lowrank_ext::(anonymous namespace)::linear_grad_g_tc_kernel<__nv_bfloat16, 32>()"
+    gemm = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"
+    taken = cuda_reach.LinearCase("tensorcore", "bfloat16", (67,), 48, 77, 16)
+    runner.check_kernel_names(taken, [tc, grad, gemm])  # g and dbias on it, the rest cuBLAS
+    with pytest.raises(cuda_reach.Mismatch, match="linear_forward_tc_kernel did not run"):
+        runner.check_kernel_names(taken, [grad, gemm])
+    with pytest.raises(cuda_reach.Mismatch, match="linear_grad_g_tc_kernel did not run"):
+        runner.check_kernel_names(taken, [tc, gemm])
+    for grads in ((), ("U",), ("bias",), ("U", "bias")):  # no g needed: no first pass
+        case = cuda_reach.LinearCase("tensorcore", "bfloat16", (41,), 36, 20, 7, grads=grads)
+        runner.check_kernel_names(case, [tc, gemm])
+        with pytest.raises(cuda_reach.Mismatch, match="linear_grad_g_tc_kernel ran"):
+            runner.check_kernel_names(case, [tc, grad, gemm])
+    for not_taken in (
+        cuda_reach.LinearCase("tensorcore", "float32", (67,), 48, 77, 16),
+        cuda_reach.LinearCase("tensorcore", "bfloat16", (5,), 40, 30, 257),
+        cuda_reach.LinearCase("tensorcore", "bfloat16", (0,), 48, 77, 16),
+    ):
+        runner.check_kernel_names(not_taken, [gemm])
+        with pytest.raises(cuda_reach.Mismatch, match="linear_forward_tc_kernel ran"):
+            runner.check_kernel_names(not_taken, [tc, gemm])
 
 
 def test_reach_checks_that_the_switch_took_effect():

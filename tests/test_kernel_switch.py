@@ -32,7 +32,7 @@ def test_context_manager_restores_after_an_error():
     assert lowrank_ext.cuda_kernels() == "cublas"
 
 
-@pytest.mark.parametrize("name", ["tensorcore", "", "FUSED", None])
+@pytest.mark.parametrize("name", ["cutlass", "", "FUSED", "TensorCore", None])
 def test_unknown_name_is_refused_naming_it(name):
     with pytest.raises(ValueError, match=f"unknown CUDA kernels {name!r}"):
         lowrank_ext.set_cuda_kernels(name)
@@ -40,6 +40,32 @@ def test_unknown_name_is_refused_naming_it(name):
         with lowrank_ext.use_cuda_kernels(name):
             pass
     assert lowrank_ext.cuda_kernels() == "cublas"
+
+
+def test_tensorcore_runs_only_where_built_and_says_what_runs():
+    # A build without the tensor-core kernels (CPU-only, or CUDA without CUTLASS headers) refuses
+    # the name with the reason, and leaves the choice as it was: never a silent downgrade.
+    info = lowrank_ext.build_info()
+    if not info["tensorcore_kernels"]:
+        reason = "without CUDA" if not info["cuda_kernels"] else "no CUTLASS headers"
+        with lowrank_ext.use_cuda_kernels("fused"):
+            with pytest.raises(RuntimeError, match=f"'tensorcore'.*not available.*{reason}"):
+                lowrank_ext.set_cuda_kernels("tensorcore")
+            assert lowrank_ext.cuda_kernels() == "fused"
+        return
+    with lowrank_ext.use_cuda_kernels("tensorcore"):
+        info = lowrank_ext.build_info()
+        assert (lowrank_ext.cuda_kernels(), info["cuda_backend"]) == ("tensorcore", "tensorcore")
+        assert info["cuda_paths"]["backward"].startswith("tensorcore first pass")
+        assert info["cuda_paths"]["forward"].startswith("tensorcore")
+    assert lowrank_ext.cuda_kernels() == "cublas"
+
+
+def test_tensorcore_kernels_need_a_cuda_build():
+    info = lowrank_ext.build_info()
+    assert isinstance(info["tensorcore_kernels"], bool)
+    if not info["cuda_kernels"]:
+        assert info["tensorcore_kernels"] is False
 
 
 def _import_with(value):
@@ -68,6 +94,16 @@ def test_environment_variable_sets_the_choice_at_import(value, expected):
     assert out.stdout.split() == [expected, expected]
 
 
+def test_environment_variable_tensorcore_fails_loudly_where_not_built():
+    out = _import_with("tensorcore")
+    if lowrank_ext.build_info()["tensorcore_kernels"]:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["tensorcore", "tensorcore"]
+    else:
+        assert out.returncode != 0
+        assert "set_cuda_kernels('tensorcore'): not available" in out.stderr
+
+
 def test_bad_environment_variable_fails_the_import_naming_it():
     out = _import_with("cutlass")
     assert out.returncode != 0
@@ -77,6 +113,7 @@ def test_bad_environment_variable_fails_the_import_naming_it():
 def test_build_info_says_what_runs():
     info = lowrank_ext.build_info()
     assert info["cuda_backend"] == "cublas"
+    assert info["cuda_paths"] == {"forward": "cublas", "backward": "cublas"}
     # torch's x86-64 wheels link MKL and export its sgemm_/dgemm_: the CPU kernels call them.
     if torch.backends.mkl.is_available():
         assert info["cpu_gemm"] == "blas"
@@ -90,4 +127,5 @@ def test_build_info_says_what_runs():
         "cuda_version",
         "cuda_archs",
         "cuda_device_available",
+        "tensorcore_kernels",
     }

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         MAX_JOBS=str(args.jobs),
         LOWRANK_LOCAL_VERSION="auto",
     )
+    if args.kind == "cuda":  # a CUDA wheel always carries the tensor-core kernels
+        env.setdefault("LOWRANK_EXT_REQUIRE_CUTLASS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"lowrank-wheel-{args.kind}-") as tmp:

@@ -9,7 +9,9 @@
 Python module of the source tree's lowrank_ext/ (its sub-packages included); its version carries
 the label for the running torch; every op has CPU kernels, and CUDA kernels exactly when the
 wheel is a CUDA one; a CUDA wheel holds a cubin of every csrc/cuda/*.cu for every listed arch
-and PTX for the +PTX one (read with cuobjdump); the CPU kernel agrees with the reference.
+and PTX for the +PTX one (read with cuobjdump), build_info() says it has the tensor-core kernels,
+and their SASS holds tensor-core instructions (HMMA) for every listed arch (sm_80's mma.sync code,
+the same on sm_86/89/90); the CPU kernel agrees with the reference.
 
 `refuses`: importing lowrank_ext in a fresh interpreter fails with an ImportError that names what
 the build needs and what is installed; never an undefined symbol, a missing library or a crash.
@@ -83,6 +85,48 @@ def check_cubins(library: Path, archs: str, cuobjdump: str) -> None:
     print(elves + ptx, end="")
 
 
+# csrc/cuda/linear_tensorcore.cu's kernels (the forward and the backward's first pass); HMMA is
+# the SASS of their mma.sync m16n8k16.
+TENSORCORE_KERNELS = ("linear_forward_tc_kernel", "linear_grad_g_tc_kernel")
+
+
+def check_tensorcore_sass(library: Path, archs: str, cuobjdump: str) -> None:
+    """Every listed arch's cubin holds each tensor-core kernel, with HMMA in every instance."""
+    for arch in archs.split(";"):
+        sm = "sm_" + arch.removesuffix("+PTX").replace(".", "")
+        sass = subprocess.run(
+            [cuobjdump, "-sass", "-arch", sm, str(library)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        functions = sass_by_function(sass)
+        for kernel in TENSORCORE_KERNELS:
+            bodies = {name: body for name, body in functions.items() if kernel in name}
+            if not bodies:
+                fail(f"{library.name}: no {kernel} in the {sm} SASS")
+            without = [name for name, body in bodies.items() if "HMMA" not in body]
+            if without:
+                fail(f"{library.name}: {sm} SASS of {without[0]} holds no HMMA instruction")
+            hmma = sum(body.count("HMMA") for body in bodies.values())
+            print(f"{sm}: {len(bodies)} {kernel} instances, {hmma} HMMA instructions")
+
+
+def sass_by_function(sass: str) -> dict[str, str]:
+    """{mangled name: its SASS} of a cuobjdump -sass listing."""
+    functions, name, body = {}, None, []
+    for line in sass.splitlines():
+        if "Function : " in line:
+            if name:
+                functions[name] = "\n".join(body)
+            name, body = line.split("Function : ", 1)[1].strip(), []
+        elif name:
+            body.append(line)
+    if name:
+        functions[name] = "\n".join(body)
+    return functions
+
+
 def installed(kind: str, archs: str, cuobjdump: str | None) -> None:
     import torch
 
@@ -115,8 +159,12 @@ def installed(kind: str, archs: str, cuobjdump: str | None) -> None:
     if kind == "cuda":
         if info["cuda_archs"] != archs.split(";"):
             fail(f"build_info() lists archs {info['cuda_archs']}, expected {archs.split(';')}")
+        if not info.get("tensorcore_kernels"):
+            fail("build_info(): the CUDA wheel has no tensor-core kernels (built without CUTLASS)")
         (library,) = package.glob("_C*.so")
-        check_cubins(library, archs, cuobjdump or find_cuobjdump())
+        cuobjdump = cuobjdump or find_cuobjdump()
+        check_cubins(library, archs, cuobjdump)
+        check_tensorcore_sass(library, archs, cuobjdump)
 
     generator = torch.Generator().manual_seed(0)
     x, U, V = (torch.randn(shape, generator=generator) for shape in ((5, 9), (7, 3), (9, 3)))

@@ -7,8 +7,11 @@
                                                         # compute-sanitizer
     python tools/cuda_reach.py --cases 'fused/float16'  # only the cases whose name matches
 
-The cases: both CUDA backends of lowrank_ext.linear ("cublas", the default cuBLAS composition,
-and "fused", the SIMT kernels), forward and backward (every gradient, and only some: the output
+The cases: the CUDA backends of lowrank_ext.linear ("cublas", the default cuBLAS composition,
+"fused", the SIMT kernels, and "tensorcore", the mma.sync forward of linear_tensorcore.cu when the
+build has it: every padded rank 32/64/128/256 it instantiates, its 16-byte cp.async and its
+element-by-element tile loads, small batches split over output columns, several output tiles per
+block), forward and backward (every gradient, and only some: the output
 mask), diagonal and full core, with and without bias, float32, bfloat16, float16 and float64,
 batches of 0, 1, odd sizes and leading dims, every tile height the SIMT kernels pick (64, 16, 4
 and 1 rows, under the 96 KiB soft budget and above it) and their at::mm fallback, the raw
@@ -21,7 +24,9 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer, where initcheck do
 
 Unless --no-profile, the fused backend's tile cases also run under torch.profiler, and the names
 of the kernels that ran are checked against the tile height this file predicts (a different tile
-height is an error; names that cannot be read are a warning).
+height is an error; names that cannot be read are a warning); so do the tensorcore cases, whose
+forward kernel must run exactly where tensorcore_takes says (float16/bfloat16, 1 <= r <= 256,
+out > 0, batch > 0) and its backward's first pass where, in addition, g = dy U is needed.
 
 The tile map below ports pick_tile_rows/tile_smem_elems of csrc/cuda/linear.cu: keep them in step.
 Only the standard library is imported at module level, so --list and the tile map work anywhere.
@@ -188,7 +193,12 @@ def device_optin_smem(torch, device=None) -> tuple[int, str]:
 
 # ---- the cases -----------------------------------------------------------------------------------
 
-BACKENDS = ("cublas", "fused")
+BACKENDS = ("cublas", "fused", "tensorcore")
+TILE_BACKENDS = ("cublas", "fused")  # the sets with tile and variant cases (every dtype and rank)
+# csrc/cuda/linear_tensorcore.cu: the largest rank it takes (kTensorcoreMaxRank) and its kernel.
+TENSORCORE_MAX_RANK = 256
+TENSORCORE_KERNEL = "linear_forward_tc_kernel"
+TENSORCORE_GRAD_KERNEL = "linear_grad_g_tc_kernel"  # the backward's first pass: g = dy U, dbias
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 GRAD_NAMES = ("x", "U", "S", "V", "bias")
 # Largest rank at which a full (r x r) core is used: S stays under ~70 MB in float32.
@@ -284,6 +294,8 @@ def tile_cases(backends, optin_smem: int, quick: bool, lowest: bool = False) -> 
                 if seg is not None:
                     full.append(min(seg.lo, FULL_CORE_MAX_RANK))
         for backend in backends:
+            if backend == "tensorcore":
+                continue  # its own cases: tensorcore_cases
             if quick and backend != "fused" and dtype != "float32":
                 continue  # the composition does not depend on the rank's tile height
             for core, ranks in (("diag", diag), ("full", full)):
@@ -310,6 +322,8 @@ def variant_cases(backends, quick: bool) -> list[LinearCase]:
     """Small rank (BM=64): every dtype x core x bias, batches 0/1/odd/leading dims, masks."""
     cases = []
     for backend in backends:
+        if backend == "tensorcore":
+            continue  # its own cases: tensorcore_cases
         for dtype in DTYPE_NAMES:
             for core in ("diag", "full"):
                 for bias in (True, False):
@@ -329,6 +343,61 @@ def variant_cases(backends, quick: bool) -> list[LinearCase]:
                     cases.append(
                         LinearCase(backend, dtype, (41,), 36, 20, 7, core, grads=grads, raw=True)
                     )
+    return cases
+
+
+def tensorcore_takes(case: LinearCase) -> bool:
+    """Whether the tensorcore kernel runs this case's forward (else the composition does)."""
+    batch = math.prod(case.batch)
+    return (
+        case.dtype in ("float16", "bfloat16")
+        and 1 <= case.r <= TENSORCORE_MAX_RANK
+        and case.m > 0
+        and batch > 0
+    )
+
+
+def tensorcore_grad_runs(case: LinearCase) -> bool:
+    """Whether the backward's first pass runs on the tensorcore kernel: taken, and g = dy U is
+    needed (for dx, dV or dS; dbias alone is a column sum on the composition)."""
+    return tensorcore_takes(case) and bool({"x", "V", "S"} & set(case.grads))
+
+
+def tensorcore_cases(backends, quick: bool, lowest: bool = False) -> list[LinearCase]:
+    """The tensorcore forward (its backward is the composition's): each padded rank (32, 64, 128,
+    256) with 16-byte loads (in % 8 == r % 8 == 0) and element loads (odd in or r), bf16 and fp16,
+    diagonal and full core, bias or not, batches of 0, 1 and leading dims, 2 row blocks with the
+    last partial, output columns split over blocks (small batch) and several output tiles per
+    block (>= 132 row blocks), the float32 and r > 256 fallbacks, no_grad and the raw ops."""
+    if "tensorcore" not in backends:
+        return []
+    tc = "tensorcore"
+    cases = []
+    # lowest (racecheck's and initcheck's set): bfloat16 only; float16 differs in the mma
+    # instruction, not in its loads or barriers.
+    for dtype in ("bfloat16",) if lowest else ("bfloat16", "float16"):
+        for core in ("diag", "full"):
+            for bias in (True, False):
+                if (quick and not bias and core == "full") or (lowest and not bias):
+                    continue
+                cases.append(LinearCase(tc, dtype, (67,), 48, 77, 16, core, bias))  # RP 32, 16 B
+                cases.append(LinearCase(tc, dtype, (67,), 45, 77, 17, core, bias))  # RP 32, elems
+        for n, m, r, batch in (
+            (64, 130, 40, (3,)),  # RP 64, 2 output tiles split over 2 blocks
+            (50, 70, 100, (2, 5)),  # RP 128, element loads, leading dims
+            (32, 20, 256, (65,)),  # RP 256, the largest rank taken
+            (48, 77, 16, (0,)),  # empty batch
+            (40, 300, 24, (1,)),  # one row: three output tiles, each its own block
+        ):
+            cases.append(LinearCase(tc, dtype, batch, n, m, r))
+        cases.append(LinearCase(tc, dtype, (37,), 48, 30, 8, grads=()))  # no_grad: t not saved
+        cases.append(LinearCase(tc, dtype, (41,), 36, 20, 7, raw=True))
+        if not lowest:
+            # 133 row blocks (> the SMs of an H200): no split, 3 output tiles per block.
+            cases.append(LinearCase(tc, dtype, (8500,), 16, 260, 8, bias=True))
+    # What it does not take runs the composition: float32, r > 256.
+    cases.append(LinearCase(tc, "float32", (67,), 48, 77, 16))
+    cases.append(LinearCase(tc, "bfloat16", (5,), 40, 30, TENSORCORE_MAX_RANK + 1))
     return cases
 
 
@@ -352,6 +421,7 @@ def all_cases(backends, optin_smem: int, quick: bool, lowest: bool = False) -> l
     return (
         tile_cases(backends, optin_smem, quick, lowest)
         + variant_cases(backends, quick)
+        + tensorcore_cases(backends, quick, lowest)
         + project_out_cases(quick)
     )
 
@@ -603,9 +673,10 @@ class Runner:
         if (
             not self.profile
             or self.device != "cuda"
-            or case.bm is None
+            or (case.bm is None and case.backend != "tensorcore")
             or self.profiler_works is False
-            or (case.backend != "fused" and case.dtype != "float32")  # one dtype shows enough
+            # one dtype shows enough of the tile map
+            or (case.backend == "cublas" and case.dtype != "float32")
         ):
             return fn()
         try:
@@ -649,6 +720,20 @@ class Runner:
         if case.backend not in BACKENDS:  # no switch: which kernels ran is not known
             return
         tile = [n for n in names if SIMT_TILE_KERNEL.search(n)]
+        if case.backend == "tensorcore":
+            for kernel, expected in (
+                (TENSORCORE_KERNEL, tensorcore_takes(case)),
+                (TENSORCORE_GRAD_KERNEL, tensorcore_grad_runs(case)),
+            ):
+                ran = any(kernel in n for n in names)
+                if ran != expected:
+                    raise Mismatch(
+                        f"{case.name}: {kernel} {'ran' if ran else 'did not run'}; "
+                        f"expected {'it' if expected else 'no run'}"
+                    )
+            if tile:
+                raise Mismatch(f"{case.name}: the tensorcore set ran SIMT tile kernels: {tile[:2]}")
+            return
         if case.backend == "cublas":
             if tile:
                 raise Mismatch(f"{case.name}: the cuBLAS backend ran SIMT tile kernels: {tile[:2]}")
@@ -754,6 +839,12 @@ def main(argv=None) -> int:
                 "ran the default backend only"
             )
             backends = ["default"]
+        if "tensorcore" in backends and not info.get("tensorcore_kernels"):
+            errors.append(
+                "this build has no tensor-core kernels (no CUTLASS headers at build time): "
+                "the tensorcore cases did not run"
+            )
+            backends.remove("tensorcore")
         optin, source = device_optin_smem(torch)
         print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; {info}")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -4,15 +4,24 @@
     python tools/gpu_check.py --out $OUT/gpu_check       # on the GPU machine, from the repo root
     python tools/gpu_check.py --dry-run                  # the plan; runs nothing, needs no GPU
     python tools/gpu_check.py --skip-build --steps tests reach memcheck
+    python tools/gpu_check.py --cutlass-wheel build/deps/nvidia_cutlass-4.2.0.0-py3-none-any.whl
+
+The GPU machine has no network: the CUTLASS headers of the tensor-core kernels come from the
+nvidia-cutlass wheel at --cutlass-wheel (default build/deps/nvidia_cutlass-4.2.0.0-py3-none-any.whl
+when it exists; carry build/deps to the machine), from an nvidia-cutlass already installed, or from
+CUTLASS_PATH. The build requires them (LOWRANK_EXT_REQUIRE_CUTLASS=1): no CUTLASS, no build.
 
 Steps, in order, each with its own time limit and its own log (LOG/<step>.log):
   env        nvidia-smi, nvcc, torch/CUDA versions, the device, the SIMT tile map -> env.txt
-  build      pip install --no-build-isolation --no-deps -e . for the device's arch only
-             (TORCH_CUDA_ARCH_LIST from its capability, MAX_JOBS = all cores, FORCE_CUDA=1 so a
-             failed CUDA build is an error, never a CPU-only build); then
-             lowrank_ext.build_info()["cuda_kernels"] must be True
+  build      pip install the CUTLASS wheel (when given or found), then pip install
+             --no-build-isolation --no-deps -e . for the device's arch only (TORCH_CUDA_ARCH_LIST
+             from its capability, MAX_JOBS = all cores, FORCE_CUDA=1 and
+             LOWRANK_EXT_REQUIRE_CUTLASS=1 so a failed CUDA or tensor-core build is an error, never
+             a build without them); then build_info()["cuda_kernels"] and
+             ["tensorcore_kernels"] must be True
   tests      python -m pytest -m cuda tests (every CUDA test: tests/test_cuda.py and the
-             "cuda" parameters of the other files), CUBLAS_WORKSPACE_CONFIG=:4096:8
+             "cuda" parameters of the other files, the "tensorcore" set included),
+             CUBLAS_WORKSPACE_CONFIG=:4096:8
   reach      tools/cuda_reach.py: every CUDA kernel once against float64, kernel names checked
   memcheck, racecheck, synccheck, initcheck
              compute-sanitizer --tool T --error-exitcode 1 over tools/cuda_reach.py --quick, with
@@ -20,7 +29,8 @@ Steps, in order, each with its own time limit and its own log (LOG/<step>.log):
              racecheck and synccheck only instrument lowrank_ext's own kernels
              (--kernel-name kns=lowrank_ext), memcheck and initcheck every kernel (cuBLAS too:
              a bad leading dimension passed to it is ours)
-  bench      python bench/run.py --device cuda --repeats 20 (default shapes) -> LOG/bench/
+  bench      python bench/run.py --device cuda --repeats 20 (default shapes; a "tensorcore"
+             column beside the default kernels) -> LOG/bench/
 
 A step that fails does not stop the ones after it unless they need it (no build: nothing else
 runs). The whole run stops starting steps at --deadline seconds (default 530: under 9 minutes).
@@ -58,6 +68,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # compute-sanitizer's substring filter: every kernel of csrc/cuda/ lives in namespace lowrank_ext.
 OWN_KERNELS = "kns=lowrank_ext"
 DEFAULT_DEADLINE_S = 530
+DEFAULT_CUTLASS_WHEEL = ROOT / "build" / "deps" / "nvidia_cutlass-4.2.0.0-py3-none-any.whl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +234,7 @@ info = lowrank_ext.build_info()
 print("lowrank_ext from", lowrank_ext.__file__)
 print(json.dumps(info, indent=1))
 assert info["cuda_kernels"], "build_info()['cuda_kernels'] is False: no CUDA kernels were built"
+assert info["tensorcore_kernels"], "build_info()['tensorcore_kernels'] is False: no CUTLASS"
 arch = sys.argv[1]
 assert any(a.split("+")[0] == arch for a in info["cuda_archs"]), (
     f"built for {info['cuda_archs']}, not for this device's {arch}")
@@ -239,6 +251,9 @@ class Check:
         self.sanitizer = find_compute_sanitizer(self.cuda_home)
         self.device: dict = {}
         self.arch: str | None = args.arch
+        self.cutlass_wheel: Path | None = args.cutlass_wheel
+        if self.cutlass_wheel is None and DEFAULT_CUTLASS_WHEEL.exists():
+            self.cutlass_wheel = DEFAULT_CUTLASS_WHEEL
         self.start = time.monotonic()
 
     # -- the plan
@@ -259,6 +274,7 @@ class Check:
                 return [verify]
             env = {
                 "FORCE_CUDA": "1",
+                "LOWRANK_EXT_REQUIRE_CUTLASS": "1",
                 "TORCH_CUDA_ARCH_LIST": arch,
                 "MAX_JOBS": str(os.cpu_count() or 1),
                 "PIP_DISABLE_PIP_VERSION_CHECK": "1",
@@ -267,12 +283,16 @@ class Check:
             if self.cuda_home:
                 env["CUDA_HOME"] = str(self.cuda_home)
             pip = [PYTHON, "-m", "pip", "install", "--no-build-isolation", "--no-deps"]
-            return [(pip + ["--no-index", "-v", "-e", "."], env), verify]
+            cmds = []
+            if self.cutlass_wheel:  # headers only: its Python side's dependencies are not needed
+                cmds.append((pip + ["--no-index", str(self.cutlass_wheel)], env))
+            return cmds + [(pip + ["--no-index", "-v", "-e", "."], env), verify]
         if name == "tests":
             cmd = [PYTHON, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rfEs"]
             cmd += ["--maxfail=30", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=100"]
             cmd += [f"--junitxml={logs / 'tests.xml'}"]
-            return [(cmd, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})]
+            env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "LOWRANK_EXT_REQUIRE_CUTLASS": "1"}
+            return [(cmd, env)]
         if name == "reach":
             return [(reach + ["--kernels-json", logs / "reach_kernels.json"], {})]
         if name in SANITIZER_TOOLS:
@@ -301,6 +321,8 @@ class Check:
             f"{self.args.deadline:.0f}s; logs in {self.logs}",
             f"CUDA toolkit: {self.cuda_home or 'not found'}; "
             f"compute-sanitizer: {self.sanitizer or 'not found'}",
+            "CUTLASS wheel: "
+            + str(self.cutlass_wheel or "none (nvidia-cutlass installed, or CUTLASS_PATH)"),
         ]
         for step in self.selected():
             what = step.what
@@ -428,6 +450,9 @@ class Check:
             return
         if not self.args.skip_build and not self.cuda_home:
             res.detail = "no CUDA toolkit (bin/nvcc and include/cuda_runtime.h) found"
+            return
+        if self.cutlass_wheel is not None and not self.cutlass_wheel.exists():
+            res.detail = f"--cutlass-wheel {self.cutlass_wheel} does not exist"
             return
         if self.run_commands(res, log, end, self.commands("build")):
             res.detail = f"CUDA kernels built for {self.arch}" + (
@@ -627,6 +652,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST (default: the device's capability)")
+    p.add_argument(
+        "--cutlass-wheel",
+        type=Path,
+        help="the nvidia-cutlass wheel to install before the build (no network needed; default "
+        f"{DEFAULT_CUTLASS_WHEEL.relative_to(ROOT)} when it exists)",
+    )
     p.add_argument(
         "--deadline",
         type=float,

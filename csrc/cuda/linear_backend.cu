@@ -1,5 +1,6 @@
 // lowrank_ext::linear on CUDA: the kernels chosen by set_cuda_kernels (backend.h) on each call.
-// Both implementations save the same t (dtype saved_t_dtype), so a forward run by one may be
+// "tensorcore" runs the backward's first pass (g = dy U, dbias) itself, the rest composed.
+// Every implementation saves the same t (dtype saved_t_dtype), so a forward run by one may be
 // differentiated by the other.
 #include "backend.h"
 #include "linear.h"
@@ -12,17 +13,32 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                                                        const at::Tensor& S, const at::Tensor& V,
                                                        const std::optional<at::Tensor>& bias,
                                                        bool save_t) {
-  return cuda_kernels() == CudaKernels::kFused ? linear_forward_fused(x, U, S, V, bias, save_t)
-                                               : linear_forward_cublas(x, U, S, V, bias, save_t);
+  switch (cuda_kernels()) {
+    case CudaKernels::kFused:
+      return linear_forward_fused(x, U, S, V, bias, save_t);
+#ifdef LOWRANK_EXT_WITH_TENSORCORE
+    case CudaKernels::kTensorcore:  // falls back to the composition for what it does not take
+      return linear_forward_tensorcore(x, U, S, V, bias, save_t);
+#endif
+    default:
+      return linear_forward_cublas(x, U, S, V, bias, save_t);
+  }
 }
 
 LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                  const at::Tensor& V, const c10::List<bool>& output_mask) {
   const std::array<bool, 5> mask = linear_output_mask(output_mask);
-  return cuda_kernels() == CudaKernels::kFused
-             ? linear_backward_fused(grad_y, x, t, U, S, V, mask)
-             : linear_backward_cublas(grad_y, x, t, U, S, V, mask);
+  switch (cuda_kernels()) {
+    case CudaKernels::kFused:
+      return linear_backward_fused(grad_y, x, t, U, S, V, mask);
+#ifdef LOWRANK_EXT_WITH_TENSORCORE
+    case CudaKernels::kTensorcore:  // g and dbias on tensor cores, the rest composed
+      return linear_backward_tensorcore(grad_y, x, t, U, S, V, mask);
+#endif
+    default:
+      return linear_backward_cublas(grad_y, x, t, U, S, V, mask);
+  }
 }
 
 namespace {

@@ -63,6 +63,15 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cublas(const at::Tensor& x, co
 LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& t, const at::Tensor& U, const at::Tensor& S,
                                    const at::Tensor& V, std::array<bool, 5> output_mask) {
+  return linear_backward_cublas_given(grad_y, x, t, U, S, V, output_mask, at::Tensor(),
+                                      at::Tensor());
+}
+
+LinearGrads linear_backward_cublas_given(const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& t, const at::Tensor& U,
+                                         const at::Tensor& S, const at::Tensor& V,
+                                         std::array<bool, 5> output_mask, const at::Tensor& g_given,
+                                         const at::Tensor& db_given) {
   const LinearSizes sz = check_linear_backward_args(grad_y, x, t, U, S, V, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -75,10 +84,10 @@ LinearGrads linear_backward_cublas(const at::Tensor& grad_y, const at::Tensor& x
   at::Tensor dx = at::empty({0}, x.options()), dU = at::empty({0}, x.options()),
              dS = at::empty({0}, x.options()), dV = at::empty({0}, x.options()),
              db = at::empty({0}, x.options());
-  if (need_db) db = dy2.sum(0);
+  if (need_db) db = db_given.defined() ? db_given : dy2.sum(0);
   if (need_dU) dU = at::mm(dy2.t(), apply_core(tt, S, /*transpose=*/true, dtype));
   if (need_dS || need_dV || need_dx) {
-    const at::Tensor g = mm_wide(dy2, U);  // (batch, r)
+    const at::Tensor g = g_given.defined() ? g_given : mm_wide(dy2, U);  // (batch, r)
     if (need_dS) {
       dS = (S.dim() == 1 ? (g * tt).sum(0) : at::mm(g.t(), tt)).to(dtype);
     }
