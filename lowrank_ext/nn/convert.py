@@ -51,13 +51,14 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from .attention import LowRankMultiheadAttention
+from .calibrated import CalibratedPlan
 from .conv import LowRankConv2d
 from .hf_conv1d import conv1d_matrix, is_conv1d, linear_kinds
 from .linear import LowRankLinear
 from .summary import ModuleSummary, _summary
 from .truncation import LargerThanDenseError, _check_allow_larger, _check_core
 
-__all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
+__all__ = ["ALL_LINEAR", "convert", "merge", "ranks", "select_targets"]
 
 ALL_LINEAR = "all-linear"
 _LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
@@ -74,6 +75,8 @@ def convert(
     rank_pattern: Mapping[str, int] | None = None,
     core: str = "diag",
     allow_larger: bool = False,
+    budget: float | int | None = None,
+    calibration=None,
 ) -> nn.Module:
     """Replace the targeted dense modules of `model` by low-rank ones, in place.
 
@@ -94,6 +97,16 @@ def convert(
             (core "diag"; `lowrank_ext.nn.break_even_rank`; every projection of an attention
             module must fit). False (default): such modules stay dense and a UserWarning lists
             them with their chosen and break-even ranks.
+        budget: instead of rank and energy, a global budget for the targeted linear layers
+            (nn.Linear, Conv1D): a float in (0, 1], the fraction of their weights' numbers
+            (Σ in·out) the factors U, S, V may hold, or an int, that number itself. Without
+            calibration every layer keeps the same fraction; with it, `calibration.allocate`
+            picks the ranks (see nn/calibrated.py). A layer the budget leaves dense is logged.
+        calibration: statistics of the layers' inputs (`lowrank_ext.calibrate(model, batches)`):
+            each targeted linear layer is truncated in the whitened basis, minimizing its output
+            error ‖(W − W′)X‖_F on the calibration inputs instead of ‖W − W′‖_F (SVD-LLM,
+            arXiv:2403.07378), and `energy` is measured there. Any object with the methods of
+            the protocol in nn/calibrated.py works.
 
     Returns the model. The per-module parameter counts before and after, and the model's
     totals, are logged at INFO on the logger "lowrank_ext" (with the modules kept dense);
@@ -108,8 +121,11 @@ def convert(
     in eval mode with a padding mask the outputs at padded positions are computed instead of
     zeroed as that path does).
 
-    Raises ValueError naming the argument or the module: rank and energy both given; a target,
-    exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
+    Raises ValueError naming the argument or the module: rank and energy both given (or
+    either with budget); a budget outside (0, 1] or above the targeted weights' size; a
+    calibration that does not cover a target (another model's statistics, a layer the
+    calibration batches never reached); budget/calibration with a target that is not linear;
+    a target, exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
     converted; a rank out of range for a module; a full-rank conversion (neither rank nor
     energy, for a module rank_pattern does not cover) without allow_larger=True.
     """
@@ -119,6 +135,57 @@ def convert(
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
     _check_allow_larger(allow_larger)
     _check_core(core)
+    modules = {name: module for name, module in model.named_modules() if name}
+    targets = select_targets(model, target_modules, exclude_modules)
+    per_module = _pattern_ranks(rank_pattern, targets)
+    plan = None
+    if budget is not None or calibration is not None:  # nn/calibrated.py
+        plan = CalibratedPlan(
+            targets, modules, rank, energy, rank_pattern, budget, calibration, core
+        )
+    if rank is None and energy is None and budget is None and not allow_larger:
+        _refuse_full_rank([name for name in targets if name not in per_module], modules)
+
+    replacements, kept_dense = {}, []
+    for name in targets:
+        dense = modules[name]
+        module_rank, module_energy = (
+            (per_module[name], None) if name in per_module else (rank, energy)
+        )
+        try:
+            if plan is None:
+                low_rank = _factorize(dense, module_rank, module_energy, core, allow_larger)
+            else:
+                low_rank = plan.build(name, dense, module_rank, module_energy, allow_larger)
+                if low_rank is None:  # the budget keeps it dense
+                    continue
+        except LargerThanDenseError as error:
+            kept_dense.append(_kept_dense_row(name, dense, error))
+            continue
+        except ValueError as error:
+            raise ValueError(f"cannot convert {name!r} ({type(dense).__name__}): {error}") from None
+        _carry_training_state(dense, low_rank)
+        replacements[id(dense)] = low_rank
+    _swap(model, replacements)
+    if kept_dense:
+        warnings.warn(_kept_dense_message(kept_dense), UserWarning, stacklevel=2)
+    if _LOG.isEnabledFor(logging.INFO):
+        _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
+    _disable_nested_tensor(model)
+    return model
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[str]:
+    """The qualified names of the modules `convert` would replace, in model order (the matching
+    rules of the module doc); `lowrank_ext.calibrate` collects statistics for the same ones.
+
+    Raises ValueError as convert does: an entry that matches nothing, a target that cannot be
+    converted, nothing left to convert.
+    """
     modules = {name: module for name, module in model.named_modules() if name}
     internal = _attention_internals(modules)
     targets = _targets(model, modules, internal, target_modules)
@@ -135,32 +202,7 @@ def convert(
         )
     for name in targets:
         _check_convertible(name, modules[name], internal)
-    per_module = _pattern_ranks(rank_pattern, targets)
-    if rank is None and energy is None and not allow_larger:
-        _refuse_full_rank([name for name in targets if name not in per_module], modules)
-
-    replacements, kept_dense = {}, []
-    for name in targets:
-        dense = modules[name]
-        module_rank, module_energy = (
-            (per_module[name], None) if name in per_module else (rank, energy)
-        )
-        try:
-            low_rank = _factorize(dense, module_rank, module_energy, core, allow_larger)
-        except LargerThanDenseError as error:
-            kept_dense.append(_kept_dense_row(name, dense, error))
-            continue
-        except ValueError as error:
-            raise ValueError(f"cannot convert {name!r} ({type(dense).__name__}): {error}") from None
-        _carry_training_state(dense, low_rank)
-        replacements[id(dense)] = low_rank
-    _swap(model, replacements)
-    if kept_dense:
-        warnings.warn(_kept_dense_message(kept_dense), UserWarning, stacklevel=2)
-    if _LOG.isEnabledFor(logging.INFO):
-        _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
-    _disable_nested_tensor(model)
-    return model
+    return targets
 
 
 def merge(model: nn.Module) -> nn.Module:
