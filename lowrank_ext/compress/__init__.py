@@ -1,5 +1,6 @@
 """Compressing pretrained models so they stay usable.
 
+- batches.py: how a batch is fed to the model, which rows count (padding is left out).
 - calibration.py: `calibrate(model, batches)`, each linear layer's input second moment E[x xᵀ].
 - whitening.py: truncation in the whitened basis (SVD-LLM), which `convert(calibration=...)` uses.
 - sensitivity.py: each layer's end-to-end effect on the model's output.
@@ -10,7 +11,8 @@ Built on nn (and below); nn's convert reaches this layer only through the `calib
 """
 
 from .allocation import allocate
-from .calibration import CalibrationStats, calibrate, run_batch
+from .batches import run_batch
+from .calibration import CalibrationStats, calibrate
 from .sensitivity import first_tensor, measure_sensitivity
 from .whitening import WhitenedSVD, whitening_factor
 

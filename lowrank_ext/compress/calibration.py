@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,25 +21,11 @@ from ..nn.calibrated import linear_matrix
 from ..nn.convert import select_targets
 from ..nn.hf_conv1d import linear_kinds
 from .allocation import allocate
+from .batches import padding_mask, run_batch, token_rows
 from .sensitivity import measure_sensitivity
 from .whitening import WhitenedSVD
 
-__all__ = ["CalibrationStats", "calibrate", "run_batch"]
-
-
-def run_batch(model: nn.Module, batch):
-    """model(batch) for a tensor, model(*batch) for a tuple or list, model(**batch) for a
-    mapping (a Hugging Face tokenizer's output)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise TypeError(
-        "argument 'batches': each item must be a tensor, a tuple/list of arguments or a mapping "
-        f"of keyword arguments, got {type(batch).__name__}"
-    )
+__all__ = ["CalibrationStats", "calibrate"]
 
 
 def _fingerprint(matrix: torch.Tensor) -> tuple:
@@ -73,6 +59,7 @@ class CalibrationStats:
     ridge: float = 1e-6
     sensitivity: dict[str, float] | None = None
     fallbacks: dict[str, list[int]] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def factorization(self, name: str, matrix: torch.Tensor) -> WhitenedSVD:
         """The whitened SVD of layer `name` with weight `matrix` (out, in).
@@ -96,23 +83,21 @@ class CalibrationStats:
                 f"another weight (shape {recorded[0]}, now {now[0]}; or different values): "
                 "statistics from another model, or the model changed after calibrate"
             )
-        factorization = WhitenedSVD(matrix, self.second_moments[name], self.ridge)
-        factors = factorization.factors
+        key = (name, str(matrix.device))
+        if key not in self._cache:  # the same weight: its decomposition is reused
 
-        def checked(rank: int):  # records where the plain SVD was better, and says so
-            result = factors(rank)
-            if factorization.fallbacks and factorization.fallbacks[-1] == rank:
+            def fell_back(rank: int) -> None:
                 self.fallbacks.setdefault(name, []).append(rank)
                 warnings.warn(
                     f"layer {name!r} at rank {rank}: the plain truncated SVD has a smaller "
                     "output error on the calibration inputs than the whitened one; using it",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
-            return result
 
-        factorization.factors = checked
-        return factorization
+            moment = self.second_moments[name]
+            self._cache[key] = WhitenedSVD(matrix, moment, self.ridge, on_fallback=fell_back)
+        return self._cache[key]
 
     def allocate(self, layers, budget: int, core: str) -> dict[str, int | None]:
         """Ranks under `budget` (protocol of nn/calibrated.py): by measured sensitivity when
@@ -138,7 +123,8 @@ def calibrate(
         model: the model to compress, on the device its batches are on.
         batches: an iterable (read once) of model inputs: a tensor → model(batch), a tuple or
             list → model(*batch), a mapping → model(**batch) (a Hugging Face tokenizer's
-            output). Padding positions count as inputs like any other.
+            output). A mapping with a 2-D "attention_mask" counts only the real tokens of
+            layer inputs shaped (batch, tokens, features): padding is left out.
         target_modules, exclude_modules: the layers, as for `lowrank_ext.convert` (the same
             selection); each must be an nn.Linear or a transformers Conv1D.
         ridge: λ of the whitening's regularization C + λ·mean(diag C)·I (whitening.py).
@@ -167,14 +153,14 @@ def calibrate(
     sums = {name: None for name in layers}
     rows = dict.fromkeys(layers, 0)
     shared = {}  # per batch: one Xᵀ X per distinct input tensor (query, key, value share one)
-    batch_index = [0]
+    batch_index, current_mask = [0], [None]
 
     def hook(name):
         def accumulate(module, args):
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
             if key not in shared:
-                flat = x.reshape(-1, x.shape[-1])
+                flat = token_rows(x, current_mask[0])
                 if not torch.isfinite(flat).all():
                     raise ValueError(
                         f"argument 'batches': batch {batch_index[0]} gives layer {name!r} an "
@@ -209,7 +195,7 @@ def calibrate(
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-                batch_index[0] = seen
+                batch_index[0], current_mask[0] = seen, padding_mask(batch)
                 run_batch(model, batch)
                 shared.clear()
                 if sensitivity is not None and len(kept) < sensitivity_batches:

@@ -9,7 +9,8 @@ the model's relative output error
 is divided by the layer's own predicted output error e_i(r_i) (whitening.py): s_i = D_i / e_i is
 how much a unit of layer i's error costs at the output. allocation.py weights e_i by it. The
 output y is the model's first tensor output (a tensor, the first element of a tuple, the first
-value of a mapping such as Hugging Face's last_hidden_state), or what `output` returns.
+value of a mapping such as Hugging Face's last_hidden_state), or what `output` returns;
+padding positions are left out as in `calibrate`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.calibrated import linear_matrix, uniform_rank
+from .batches import padding_mask, run_batch, token_rows
 
 __all__ = ["first_tensor", "measure_sensitivity"]
 
@@ -63,20 +65,22 @@ def measure_sensitivity(
     The model runs in eval mode under no_grad with each layer's output replaced by a forward
     hook; flags are restored and hooks removed afterwards, also on error.
     """
-    from .calibration import run_batch  # calibration imports this module
-
     if not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
         raise ValueError(f"argument 'fraction' must be a float in (0, 1), got {fraction!r}")
     if not batches:
         raise ValueError("argument 'batches' is empty: the sensitivity needs at least one batch")
     pick = output or first_tensor
+
+    def outputs(model, batch):  # float64 rows of the output, real tokens only
+        return token_rows(pick(run_batch(model, batch)), padding_mask(batch)).double()
+
     modules = dict(model.named_modules())
     flags = {module: module.training for module in model.modules()}
     result = {}
     try:
         model.eval()
         with torch.no_grad():
-            reference = [pick(run_batch(model, batch)).double() for batch in batches]
+            reference = [outputs(model, batch) for batch in batches]
             scale = sum(float((y * y).sum()) for y in reference)
             for name in tqdm(list(stats.second_moments), desc="sensitivity", disable=not progress):
                 layer = modules[name]
@@ -94,7 +98,7 @@ def measure_sensitivity(
                 handle = layer.register_forward_hook(replace)
                 try:
                     error = sum(
-                        float(((pick(run_batch(model, batch)).double() - y) ** 2).sum())
+                        float(((outputs(model, batch) - y) ** 2).sum())
                         for batch, y in zip(batches, reference)
                     )
                 finally:

@@ -19,6 +19,8 @@ truncated SVD (λ → ∞ is plain truncation). The predicted errors are those o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import linalg
@@ -62,13 +64,20 @@ class WhitenedSVD:
         matrix: W (out, in), any float dtype (computed in float64 on its device).
         second_moment: C = E[x xᵀ] (in, in) of the layer's calibration inputs, float64.
         ridge: λ of the regularization (module doc).
+        on_fallback: called with the rank whenever `factors` returns the plain SVD's factors.
 
     Attributes: sigma (the singular values of W L, float64, descending: sigma[j]² is the mean
     squared output error of dropping component j), ridge (λ used), fallbacks (the ranks at which
     the plain truncated SVD was returned, see `factors`).
     """
 
-    def __init__(self, matrix: torch.Tensor, second_moment: torch.Tensor, ridge: float = 1e-6):
+    def __init__(
+        self,
+        matrix: torch.Tensor,
+        second_moment: torch.Tensor,
+        ridge: float = 1e-6,
+        on_fallback: Callable[[int], None] | None = None,
+    ):
         self.weight = matrix.detach().double()
         self.second_moment = second_moment.to(self.weight.device, torch.float64)
         self.L, self.ridge = whitening_factor(self.second_moment, ridge)
@@ -76,6 +85,7 @@ class WhitenedSVD:
         self.Q = Qh.mT
         self._plain = None
         self.fallbacks: list[int] = []
+        self._on_fallback = on_fallback
 
     def predicted_error(self, rank: int) -> float:
         """Σ_{j ≥ rank} σ_j²: the mean squared output error per row at `rank` (regularized C)."""
@@ -109,5 +119,7 @@ class WhitenedSVD:
         plain = self.plain_factors(rank)
         if self.error(whitened) > self.error(plain):
             self.fallbacks.append(rank)
+            if self._on_fallback is not None:
+                self._on_fallback(rank)
             return plain
         return whitened
