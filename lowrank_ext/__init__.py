@@ -9,7 +9,7 @@ import torch
 
 from . import analysis, compress, io, nn, plots, reference, training
 from .analysis import landscape, spectral
-from .compress import CalibrationStats, calibrate
+from .compress import CalibrationStats, calibrate, distill
 from .io import from_pretrained, save_pretrained
 from .nn import (
     LowRankConv2d,
@@ -72,6 +72,7 @@ __all__ = [
     "conversion_summary",
     "convert",
     "cuda_kernels",
+    "distill",
     "from_pretrained",
     "io",
     "landscape",

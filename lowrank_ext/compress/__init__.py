@@ -13,6 +13,7 @@ Built on nn (and below); nn's convert reaches this layer only through the `calib
 from .allocation import allocate
 from .batches import run_batch
 from .calibration import CalibrationStats, calibrate
+from .distill import distill
 from .sensitivity import first_tensor, measure_sensitivity
 from .whitening import WhitenedSVD, whitening_factor
 
@@ -21,6 +22,7 @@ __all__ = [
     "WhitenedSVD",
     "allocate",
     "calibrate",
+    "distill",
     "first_tensor",
     "measure_sensitivity",
     "run_batch",
