@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
     parser.add_argument("--calibration", type=int, default=None, help="sentences (256)")
     parser.add_argument("--evaluation", type=int, default=None, help="sentences per set (512)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (300)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (80)")
+    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (250)")
+    parser.add_argument("--out-of-domain", type=int, default=None, help="sentences (256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
@@ -132,8 +134,10 @@ def main(argv=None) -> int:
     quick = args.quick
     fractions = args.fractions or ((0.5,) if quick else FRACTIONS)
     n_calibration = args.calibration or (32 if quick else 256)
-    n_evaluation = args.evaluation or (64 if quick else 512)
-    steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 300)
+    n_evaluation = args.evaluation or (32 if quick else 512)
+    steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 80)
+    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 250)
+    n_outside = args.out_of_domain or (32 if quick else 256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
     calibration_texts = texts[:n_calibration]
     distill_texts = texts[n_calibration : n_calibration + 1024]
     evaluation_texts = texts[n_calibration + 1024 :]
-    outside = licence_sentences(n_evaluation)
+    outside = licence_sentences(n_outside)
     batches = {
         "in_domain": batched(tokenizer, evaluation_texts),
         "out_of_domain": batched(tokenizer, outside),
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     )
     calibration_batches = batched(tokenizer, calibration_texts)
     timing_batch = tokenize(tokenizer, evaluation_texts[:32])
-    repeats = 3 if quick else 10
+    repeats = 1 if quick else 10
     original_forward = forward_seconds(teacher, timing_batch, repeats)
 
     start = time.perf_counter()
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
         stats.sensitivity = sensitivity
         student = copy.deepcopy(models["budget"][0])
         start = time.perf_counter()
-        lowrank_ext.distill(student, teacher, distill_batches, steps, train="all", lr=2e-4,
+        fraction_steps = steps_at_half if fraction == 0.5 else steps
+        lowrank_ext.distill(student, teacher, distill_batches, fraction_steps, train="all", lr=2e-4,
                             loss=embedding_loss, progress=False)  # fmt: skip
         models["distilled"] = (student.eval(), time.perf_counter() - start)
         for method, (model, seconds) in models.items():
@@ -206,6 +211,7 @@ def main(argv=None) -> int:
                 "method": method,
                 "kept": kept,
                 "seconds": seconds,
+                "steps": fraction_steps if method == "distilled" else 0,
                 **quality(model, reference, batches),
             }
             if method in ("plain", "budget"):
@@ -228,6 +234,7 @@ def main(argv=None) -> int:
         "calibrate_seconds": calibrate_seconds,
         "sensitivity_seconds": sensitivity_seconds,
         "distill_steps": steps,
+        "distill_steps_at_half": steps_at_half,
         "original_forward_seconds": original_forward,
         "fallbacks": stats.fallbacks,
         "rows": rows,
