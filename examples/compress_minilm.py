@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lowrank_ext  # noqa: E402
 from lowrank_ext.compress import measure_sensitivity  # noqa: E402
+from lowrank_ext.nn.convert import select_targets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ship_hf_model import ENCODER_LINEARS, embedding_loss, pool, sentences, tokenize  # noqa: E402
@@ -106,6 +107,11 @@ def neighbours(vectors: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(1)
 
 
+def targeted_parameters(model, names) -> int:
+    """Parameters of the targeted layers, dense or low-rank (biases included)."""
+    return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+
+
 def forward_seconds(model, batch, repeats: int) -> float:
     """Median wall time of one forward at batch 32 (CPU), after a warm-up."""
     times = []
@@ -172,6 +178,7 @@ def main(argv=None) -> int:
     original_forward = forward_seconds(teacher, timing_batch, repeats)
 
     start = time.perf_counter()
+    names = select_targets(teacher, targets)
     stats = lowrank_ext.calibrate(teacher, calibration_batches, target_modules=targets,
                                   progress=False)  # fmt: skip
     calibrate_seconds = time.perf_counter() - start
@@ -202,16 +209,14 @@ def main(argv=None) -> int:
                             loss=embedding_loss, progress=False)  # fmt: skip
         models["distilled"] = (student.eval(), time.perf_counter() - start)
         for method, (model, seconds) in models.items():
-            summary = lowrank_ext.conversion_summary(model)
-            kept = sum(row.parameters_after for row in summary.modules) / sum(
-                row.parameters_before for row in summary.modules
-            )
+            kept = targeted_parameters(model, names) / targeted_parameters(teacher, names)
             row = {
                 "fraction": fraction,
                 "method": method,
                 "kept": kept,
                 "seconds": seconds,
                 "steps": fraction_steps if method == "distilled" else 0,
+                "ranks": {n: lowrank_ext.ranks(model).get(n) for n in names},  # None: dense
                 **quality(model, reference, batches),
             }
             if method in ("plain", "budget"):

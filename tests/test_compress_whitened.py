@@ -200,6 +200,37 @@ def test_gpt2_conv1d_layers_calibrate_and_convert():
     torch.testing.assert_close(logits(merged, ids), logits(whitened, ids), rtol=1e-9, atol=1e-9)
 
 
+def test_gpt2_sensitivity_reads_the_logits_and_the_budget_uses_it():
+    pytest.importorskip("transformers")
+    from tiny_gpt2 import conv1d_names, gpt2, logits, tokens
+
+    model = gpt2()
+    ids = tokens(batch=4, length=16)
+    names = conv1d_names(model)
+    options = {"sensitivity": 0.5, "sensitivity_batches": 1, "progress": False}
+    stats = lowrank_ext.calibrate(model, [ids[:2], ids[2:]], target_modules=names, **options)
+    assert set(stats.sensitivity) == set(names) and all(v > 0 for v in stats.sensitivity.values())
+    # the probe: layer alone at half its numbers, the logits' relative squared error per unit of
+    # the layer's predicted error; recompute one by hand
+    name = "transformer.h.1.mlp.c_fc"
+    layer = model.get_submodule(name)
+    source = stats.factorization(name, layer.weight.mT)
+    rank = lowrank_ext.nn.calibrated.uniform_rank(32, 128, 0.5)
+    U, s, V = source.whitened_factors(rank)
+    reference = logits(model, ids[:2])
+    handle = layer.register_forward_hook(lambda m, a, o: a[0] @ ((U * s) @ V.mT).mT + m.bias)
+    try:
+        error = float(((logits(model, ids[:2]) - reference) ** 2).sum() / (reference**2).sum())
+    finally:
+        handle.remove()
+    assert stats.sensitivity[name] == pytest.approx(error / source.predicted_error(rank), rel=1e-6)
+    compressed = lowrank_ext.convert(copy.deepcopy(model), budget=0.5, target_modules=names,
+                                     calibration=stats)  # fmt: skip
+    summary = lowrank_ext.conversion_summary(compressed)
+    factored = sum(row.parameters_after for row in summary.modules if not row.kept_dense)
+    assert 0 < factored and summary.parameters_after < summary.parameters_before
+
+
 @pytest.mark.cuda
 def test_calibrate_and_convert_on_cuda_match_cpu():
     if not torch.cuda.is_available():

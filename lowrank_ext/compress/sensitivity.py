@@ -15,7 +15,7 @@ padding positions are left out as in `calibrate`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, ValuesView
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def first_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     values = output.values() if isinstance(output, Mapping) else output
-    if isinstance(values, (Sequence, type({}.values()))) and not isinstance(values, str):
+    if isinstance(values, (Sequence, ValuesView)) and not isinstance(values, str):
         for value in values:
             if isinstance(value, torch.Tensor):
                 return value
