@@ -48,12 +48,27 @@ def sentences(count: int) -> list[str]:
     return found
 
 
-def embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled last hidden states (all-MiniLM-L6-v2's pooling), shape (len(texts), 384)."""
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state
+def tokenize(tokenizer, texts: list[str]):
+    return tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+
+def pool(output, batch) -> torch.Tensor:
+    """Mean of the last hidden states over the real tokens (all-MiniLM-L6-v2's pooling)."""
+    hidden = output.last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Sentence embeddings, shape (len(texts), 384)."""
+    batch = tokenize(tokenizer, texts)
+    return pool(model(**batch), batch)
+
+
+def embedding_loss(student_output, teacher_output, batch) -> torch.Tensor:
+    """1 − mean cosine between the student's and the teacher's sentence embeddings."""
+    cosine = F.cosine_similarity(pool(student_output, batch), pool(teacher_output, batch))
+    return 1 - cosine.mean()
 
 
 def mean_cosine(student, teacher, tokenizer, texts) -> float:
@@ -97,19 +112,14 @@ def main(argv=None) -> int:
     before_tuning = mean_cosine(student.eval(), teacher, tokenizer, held_out)
     print(f"  mean cosine {before_tuning:.4f} to the original's embeddings (held-out sentences)")
 
-    # 2. fine-tune: match the original's sentence embeddings (distillation), AdamW
+    # 2. fine-tune: match the original's sentence embeddings (lowrank_ext.distill), AdamW
     start = time.perf_counter()
-    student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-4)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    for step in range(steps):
-        picked = [train[i] for i in order[(step * 16) % len(train) :][:16]]
-        with torch.no_grad():
-            target = embed(teacher, tokenizer, picked)
-        loss = 1 - F.cosine_similarity(embed(student, tokenizer, picked), target).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [
+        tokenize(tokenizer, [train[i] for i in order[k : k + 16]]) for k in range(0, len(order), 16)
+    ]
+    lowrank_ext.distill(student, teacher, batches, steps, train="all", lr=2e-4,
+                        loss=embedding_loss, dropout=True, progress=False)  # fmt: skip
     student.eval()
     print(
         f"fine-tune: {steps} steps, {time.perf_counter() - start:.1f} s; mean cosine "

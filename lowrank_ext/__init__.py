@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from . import analysis, io, nn, plots, reference, training
+from . import analysis, compress, io, nn, plots, reference, training
 from .analysis import landscape, spectral
+from .compress import CalibrationStats, calibrate, distill
 from .io import from_pretrained, save_pretrained
 from .nn import (
     LowRankConv2d,
@@ -61,14 +62,18 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "LowRankMultiheadAttention",
+    "CalibrationStats",
     "OIALR",
     "__version__",
     "analysis",
     "break_even_rank",
     "build_info",
+    "calibrate",
+    "compress",
     "conversion_summary",
     "convert",
     "cuda_kernels",
+    "distill",
     "from_pretrained",
     "io",
     "landscape",

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..nn.convert import _selected
+from ..nn.convert import select_targets
 from ..nn.hf_conv1d import conv1d_matrix, is_conv1d
 from .loading import _dense, _Layer, _read_only
 from ..nn.truncation import energy_rank
@@ -81,7 +81,8 @@ def suggest_ranks(
         )
     ranks = {}
     with _read_only(obj):  # also for the selection, which reads weights (parametrized ones too)
-        modules = _selected(obj, target_modules, exclude_modules)
+        named = dict(obj.named_modules())
+        modules = {n: named[n] for n in select_targets(obj, target_modules, exclude_modules)}
         for name, module in modules.items():
             matrices = _matrices(name, module)
             largest = max(_matrix_rank(f"{name}{part}", W, energy) for part, W in matrices.items())

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from .attention import LowRankMultiheadAttention
+from .calibrated import CalibratedPlan
 from .conv import LowRankConv2d
 from .hf_conv1d import conv1d_matrix, is_conv1d, linear_kinds
 from .linear import LowRankLinear
@@ -60,7 +61,7 @@ from .summary import ModuleSummary, _summary
 from .transaction import all_or_nothing
 from .truncation import LargerThanDenseError, _check_allow_larger, _check_core
 
-__all__ = ["ALL_LINEAR", "convert", "merge", "ranks"]
+__all__ = ["ALL_LINEAR", "convert", "merge", "ranks", "select_targets"]
 
 ALL_LINEAR = "all-linear"
 _LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
@@ -77,6 +78,8 @@ def convert(
     rank_pattern: Mapping[str, int] | None = None,
     core: str = "diag",
     allow_larger: bool = False,
+    budget: float | int | None = None,
+    calibration=None,
 ) -> nn.Module:
     """Replace the targeted dense modules of `model` by low-rank ones, in place.
 
@@ -97,6 +100,16 @@ def convert(
             (core "diag"; `lowrank_ext.nn.break_even_rank`; every projection of an attention
             module must fit). False (default): such modules stay dense and a UserWarning lists
             them with their chosen and break-even ranks.
+        budget: instead of rank and energy, a global budget for the targeted linear layers
+            (nn.Linear, Conv1D): a float in (0, 1], the fraction of their weights' numbers
+            (Σ in·out) the factors U, S, V may hold, or an int, that number itself. Without
+            calibration every layer keeps the same fraction; with it, `calibration.allocate`
+            picks the ranks (see nn/calibrated.py). A layer the budget leaves dense is logged.
+        calibration: statistics of the layers' inputs (`lowrank_ext.calibrate(model, batches)`):
+            each targeted linear layer is truncated in the whitened basis, minimizing its output
+            error ‖(W − W′)X‖_F on the calibration inputs instead of ‖W − W′‖_F (SVD-LLM,
+            arXiv:2403.07378), and `energy` is measured there. Any object with the methods of
+            the protocol in nn/calibrated.py works.
 
     Returns the model. The per-module parameter counts before and after, and the model's
     totals, are logged at INFO on the logger "lowrank_ext" (with the modules kept dense);
@@ -112,11 +125,13 @@ def convert(
     in eval mode with a padding mask the outputs at padded positions are computed instead of
     zeroed as that path does).
 
-    Raises ValueError naming the argument or the module: rank and energy both given; a target,
-    exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
-    converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of range for a
-    module; a full-rank conversion (neither rank nor energy, for a module rank_pattern does
-    not cover) without allow_larger=True. A zero weight converts at rank 1 under `energy`.
+    Raises ValueError naming the argument or the module: rank and energy both given (or
+    either with budget); a budget outside (0, 1] or above the targeted weights' size; a
+    calibration that does not cover a target (another model's statistics, a layer the
+    calibration batches never reached); budget/calibration with a target that is not linear;
+    a target, exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
+    converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of range for a module; a full-rank conversion (neither rank nor
+    energy, for a module rank_pattern does not cover) without allow_larger=True. A zero weight converts at rank 1 under `energy`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -124,10 +139,15 @@ def convert(
         raise ValueError("give at most one of the arguments 'rank' and 'energy'")
     _check_allow_larger(allow_larger)
     _check_core(core)
-    modules = _selected(model, target_modules, exclude_modules)
-    targets = list(modules)
+    modules = {name: module for name, module in model.named_modules() if name}
+    targets = select_targets(model, target_modules, exclude_modules)
     per_module = _pattern_ranks(rank_pattern, targets)
-    if rank is None and energy is None and not allow_larger:
+    plan = None
+    if budget is not None or calibration is not None:  # nn/calibrated.py
+        plan = CalibratedPlan(
+            targets, modules, rank, energy, rank_pattern, budget, calibration, core
+        )
+    if rank is None and energy is None and budget is None and not allow_larger:
         _refuse_full_rank([name for name in targets if name not in per_module], modules)
 
     replacements, kept_dense = {}, []
@@ -137,7 +157,12 @@ def convert(
             (per_module[name], None) if name in per_module else (rank, energy)
         )
         try:
-            low_rank = _factorize(dense, module_rank, module_energy, core, allow_larger)
+            if plan is None:
+                low_rank = _factorize(dense, module_rank, module_energy, core, allow_larger)
+            else:
+                low_rank = plan.build(name, dense, module_rank, module_energy, allow_larger)
+                if low_rank is None:  # the budget keeps it dense
+                    continue
         except LargerThanDenseError as error:
             kept_dense.append(_kept_dense_row(name, dense, error))
             continue
@@ -153,6 +178,37 @@ def convert(
             _LOG.info("lowrank_ext.convert:\n%s", _summary(model, kept_dense))
         _disable_nested_tensor(model)
     return model
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[str]:
+    """The qualified names of the modules `convert` would replace, in model order (the matching
+    rules of the module doc); `lowrank_ext.calibrate` collects statistics for the same ones and
+    `spectral.suggest_ranks` suggests ranks for them.
+
+    Raises ValueError as convert does: an entry that matches nothing, a target that cannot be
+    converted, nothing left to convert.
+    """
+    modules = {name: module for name, module in model.named_modules() if name}
+    internal = _attention_internals(modules)
+    targets = _targets(model, modules, internal, target_modules)
+    if exclude_modules is not None:
+        if exclude_modules == ALL_LINEAR:
+            raise ValueError("argument 'exclude_modules' takes a regex or a list, not 'all-linear'")
+        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
+        targets = [name for name in targets if name not in excluded]
+    if not targets:
+        raise ValueError(
+            f"no module to convert in {type(model).__name__}: target_modules={target_modules!r}, "
+            f"exclude_modules={exclude_modules!r} leave nothing ({_SUPPORTED} are converted; "
+            "for a single layer use its from_* class method)"
+        )
+    for name in targets:
+        _check_convertible(name, modules[name], internal)
+    return targets
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -203,28 +259,6 @@ def ranks(model: nn.Module) -> dict[str, int]:
         for name, module in model.named_modules()
         if isinstance(module, (LowRankLinear, LowRankConv2d))
     }
-
-
-def _selected(model: nn.Module, target_modules, exclude_modules) -> dict[str, nn.Module]:
-    """{name: module} of the modules convert converts, in model order, each checked to be
-    convertible (see the module doc; also what `spectral.suggest_ranks` suggests ranks for)."""
-    modules = {name: module for name, module in model.named_modules() if name}
-    internal = _attention_internals(modules)
-    targets = _targets(model, modules, internal, target_modules)
-    if exclude_modules is not None:
-        if exclude_modules == ALL_LINEAR:
-            raise ValueError("argument 'exclude_modules' takes a regex or a list, not 'all-linear'")
-        excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
-        targets = [name for name in targets if name not in excluded]
-    if not targets:
-        raise ValueError(
-            f"no module to convert in {type(model).__name__}: target_modules={target_modules!r}, "
-            f"exclude_modules={exclude_modules!r} leave nothing ({_SUPPORTED} are converted; "
-            "for a single layer use its from_* class method)"
-        )
-    for name in targets:
-        _check_convertible(name, modules[name], internal)
-    return {name: modules[name] for name in targets}
 
 
 def _attention_internals(modules: Mapping[str, nn.Module]) -> set[str]:

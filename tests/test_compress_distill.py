@@ -1,0 +1,89 @@
+"""lowrank_ext.distill: it recovers the teacher's outputs, is deterministic for a seed, trains
+only what `train` says, keeps the factors orthonormal, and undoes itself on error."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_compress_whitened import inputs, mlp
+
+import lowrank_ext
+
+
+def setup(rank=3):
+    X = inputs(rows=512)
+    teacher = mlp()
+    student = lowrank_ext.convert(copy.deepcopy(teacher), rank=rank, target_modules=["0"])
+    batches = [X[i : i + 64] for i in range(0, 512, 64)]
+    return X, teacher, student, batches
+
+
+def relative(student, teacher, X):
+    with torch.no_grad():
+        return float((student(X) - teacher(X)).norm() ** 2 / teacher(X).norm() ** 2)
+
+
+def test_distill_reduces_the_output_error_and_is_deterministic():
+    X, teacher, student, batches = setup()
+    twin = copy.deepcopy(student)
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    before = relative(student, teacher, X)
+    losses = lowrank_ext.distill(
+        student, teacher, batches, steps=60, train="all", lr=3e-3, progress=False
+    )
+    after = relative(student, teacher, X)
+    assert len(losses) == 60 and after < 0.5 * before
+    assert losses[0] == pytest.approx(
+        relative(twin, teacher, batches[0]), rel=1e-9
+    )  # the default loss is the relative squared error of the outputs
+    again = lowrank_ext.distill(twin, teacher, batches, steps=60, train="all", lr=3e-3,
+                                progress=False)  # fmt: skip
+    assert again == losses
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), twin.parameters()))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    # "all" leaves orthonormal factors (W kept through the rotation)
+    U, V = student[0].U.detach(), student[0].V.detach()
+    torch.testing.assert_close(U.T @ U, torch.eye(3, dtype=U.dtype), rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, torch.eye(3, dtype=V.dtype), rtol=0, atol=1e-12)
+    S = student[0].S.detach()
+    assert bool((S[:-1] >= S[1:]).all())
+
+
+def test_train_s_changes_only_the_singular_values_and_restores_flags():
+    X, teacher, student, batches = setup()
+    student[2].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    lowrank_ext.distill(student, teacher, batches, steps=20, train="S", lr=1e-2, progress=False)
+    after = student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"0.S"}
+    assert student[0].U.requires_grad and not student[2].weight.requires_grad
+    assert student.training and teacher.training  # modes restored (nn.Sequential default)
+    assert relative(student, teacher, X) < relative(setup()[2], teacher, X)
+
+
+def test_distill_bad_inputs_are_named_and_the_student_is_restored():
+    X, teacher, student, batches = setup()
+    saved = {k: v.clone() for k, v in student.state_dict().items()}
+    for kwargs, message in (
+        ({"steps": 0}, "argument 'steps'"),
+        ({"steps": 3, "train": "U"}, "argument 'train'"),
+        ({"steps": 3, "lr": -1.0}, "argument 'lr'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            lowrank_ext.distill(student, teacher, batches, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="argument 'batches' is empty"):
+        lowrank_ext.distill(student, teacher, [], steps=2, progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        lowrank_ext.distill(student, teacher, iter(batches[:2]), steps=5, progress=False)
+    bad = [batches[0], batches[1].clone().fill_(math.inf)]
+    with pytest.raises(ValueError, match="the loss is nan at step 1"):
+        lowrank_ext.distill(student, teacher, bad, steps=4, train="all", progress=False)
+    with pytest.raises(ValueError, match="no low-rank module"):
+        lowrank_ext.distill(copy.deepcopy(teacher), teacher, batches, steps=2, progress=False)
+    now = student.state_dict()
+    assert all(torch.equal(now[k], saved[k]) for k in saved)
+    assert all(p.requires_grad for p in student.parameters())
