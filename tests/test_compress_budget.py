@@ -201,3 +201,39 @@ def test_statistics_from_another_model_are_refused():
         lowrank_ext.convert(wider, rank=3, target_modules=["0"], calibration=stats)
     with pytest.raises(TypeError, match="argument 'calibration' must have a factorization"):
         lowrank_ext.convert(mlp(), rank=3, target_modules=["0"], calibration={"0": 1})
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"sensitivity": 2.0}, {"sensitivity": 1}, {"sensitivity": 0.5,
+                                                            "sensitivity_batches": 0}]
+)  # fmt: skip
+def test_refused_sensitivity_arguments_leave_no_hook_behind(arguments):
+    # The arguments were once checked after the hooks went on: every refused call left one
+    # calibration hook per layer, which then ran (and raised) on the model's ordinary calls.
+    model = mlp()
+    saved = state(model)
+    with pytest.raises(ValueError, match="argument 'sensitivity"):
+        lowrank_ext.calibrate(model, [inputs()], target_modules=["0", "2"], progress=False,
+                              **arguments)  # fmt: skip
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert same(model, saved)
+    nan_input = torch.full((2, model[0].in_features), math.nan, dtype=torch.float64)
+    assert torch.isnan(model(nan_input)).all()  # an ordinary forward, no calibration error
+
+
+def test_statistics_of_a_permuted_model_are_refused():
+    # Reordering the hidden units (rows of layer 0 and bias, columns of layer 2) keeps the
+    # function and Σw, Σw² of both weights; layer 2's second moment is then in the wrong order.
+    X = inputs()
+    model = mlp(seed=0)
+    stats = lowrank_ext.calibrate(model, [X], target_modules=["0", "2"], progress=False)
+    permuted = copy.deepcopy(model)
+    order = torch.randperm(model[0].out_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        permuted[0].weight.copy_(model[0].weight[order])
+        permuted[0].bias.copy_(model[0].bias[order])
+        permuted[2].weight.copy_(model[2].weight[:, order])
+        torch.testing.assert_close(permuted(X), model(X))
+    with pytest.raises(ValueError, match=r"statistics of layer '0' were collected on another"):
+        lowrank_ext.convert(permuted, rank=3, target_modules=["0", "2"], calibration=stats)
+    lowrank_ext.convert(model, rank=3, target_modules=["0", "2"], calibration=stats)  # control

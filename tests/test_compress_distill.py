@@ -87,3 +87,33 @@ def test_distill_bad_inputs_are_named_and_the_student_is_restored():
     now = student.state_dict()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     assert all(p.requires_grad for p in student.parameters())
+
+
+def test_a_teacher_that_is_the_student_is_refused():
+    X, teacher, student, batches = setup()
+    saved = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match="argument 'teacher' is the student or shares"):
+        lowrank_ext.distill(student, student, batches, steps=5, progress=False)
+    shares = copy.deepcopy(teacher)
+    shares[2] = student[2]  # one layer shared: weight decay would move the teacher too
+    with pytest.raises(ValueError, match="argument 'teacher' is the student or shares"):
+        lowrank_ext.distill(student, shares, batches, steps=5, progress=False)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, saved[key])
+
+
+@pytest.mark.parametrize(("train", "lr"), [("S", 1e-3), ("all", 5e-5)])
+def test_default_learning_rate_follows_train(monkeypatch, train, lr):
+    X, teacher, student, batches = setup()
+    seen = {}
+    real = torch.optim.AdamW
+
+    def recording(parameters, **options):
+        seen.update(options)
+        return real(parameters, **options)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    lowrank_ext.distill(student, teacher, batches, steps=2, train=train, progress=False)
+    assert seen == {"lr": lr, "weight_decay": 0.01}
+    with pytest.raises(ValueError, match="argument 'weight_decay'"):
+        lowrank_ext.distill(student, teacher, batches, steps=2, weight_decay=-1.0, progress=False)

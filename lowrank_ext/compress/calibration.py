@@ -29,9 +29,13 @@ __all__ = ["CalibrationStats", "calibrate"]
 
 
 def _fingerprint(matrix: torch.Tensor) -> tuple:
-    """A cheap identity check of a weight: its shape, Σw and Σw² in float64."""
-    m = matrix.detach().double()
-    return (tuple(m.shape), float(m.sum()), float((m * m).sum()))
+    """An identity check of a weight: its shape, Σw, Σw² and Σ w·ρ in float64, where ρ is a
+    fixed pseudo-random matrix, so that a permutation of the entries (reordered hidden units)
+    changes it too; compared with a tolerance, so that moving the model between devices does not.
+    """
+    m = matrix.detach().to(device="cpu", dtype=torch.float64)
+    probe = torch.rand(m.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (tuple(m.shape), float(m.sum()), float((m * m).sum()), float((m * probe).sum()))
 
 
 @dataclass
@@ -41,7 +45,7 @@ class CalibrationStats:
     Attributes:
         second_moments: {layer name: E[x xᵀ]}, (in, in) float64 on the layer's device.
         rows: {layer name: the number of input rows (tokens, samples) the layer saw}.
-        weights: {layer name: (shape, Σw, Σw²) of its (out, in) weight at calibration}, to
+        weights: {layer name: (shape, Σw, Σw², Σw·ρ) of its (out, in) weight at calibration}, to
             refuse statistics used on another model.
         ridge: λ of the whitening's regularization (whitening.py).
         sensitivity: {layer name: end-to-end output error per unit of the layer's own
@@ -174,9 +178,6 @@ def calibrate(
 
         return accumulate
 
-    flags = {module: module.training for module in model.modules()}
-    handles = [layers[name].register_forward_pre_hook(hook(name)) for name in layers]
-    seen, kept = 0, []
     if sensitivity is not None:
         if not isinstance(sensitivity, float) or not 0.0 < sensitivity < 1.0:
             raise ValueError(
@@ -191,7 +192,11 @@ def calibrate(
                 f"argument 'sensitivity_batches' must be a positive int, "
                 f"got {sensitivity_batches!r}"
             )
-    try:
+    flags = {module: module.training for module in model.modules()}
+    handles = []
+    seen, kept = 0, []
+    try:  # every argument is checked above: from here on, the finally removes the hooks
+        handles.extend(layers[name].register_forward_pre_hook(hook(name)) for name in layers)
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
