@@ -190,8 +190,10 @@ def _spectrum(
     hard_rank = int((sigma > hard_tol).sum())
     collapsed_fraction = 1.0 - min(hard_rank, full_rank) / full_rank
     long_side, short_side = max(shape), min(shape)
-    mp_edge = frobenius / math.sqrt(long_side * short_side) * (
-        math.sqrt(long_side) + math.sqrt(short_side)
+    mp_edge = (
+        frobenius
+        / math.sqrt(long_side * short_side)
+        * (math.sqrt(long_side) + math.sqrt(short_side))
     )
     return LayerSpectrum(
         name=layer.name,

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..nn.convert import select_targets
 from ..nn.hf_conv1d import conv1d_matrix, is_conv1d
-from .loading import _dense, _Layer, _read_only
 from ..nn.truncation import energy_rank
+from .loading import _dense, _Layer, _read_only
 from .metrics import _check_real, _spectrum
 from .report import SpectralReport
 

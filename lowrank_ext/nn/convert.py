@@ -129,9 +129,11 @@ def convert(
     either with budget); a budget outside (0, 1] or above the targeted weights' size; a
     calibration that does not cover a target (another model's statistics, a layer the
     calibration batches never reached); budget/calibration with a target that is not linear;
-    a target, exclude or rank_pattern entry that matches nothing; a targeted module that cannot be
-    converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of range for a module; a full-rank conversion (neither rank nor
-    energy, for a module rank_pattern does not cover) without allow_larger=True. A zero weight converts at rank 1 under `energy`.
+    a target, exclude or rank_pattern entry that matches nothing; a targeted module that
+    cannot be converted (lazy, on the meta device, a weight holding NaN/inf); a rank out of
+    range for a module; a full-rank conversion (neither rank nor energy, for a module
+    rank_pattern does not cover) without allow_larger=True. A zero weight converts at rank 1
+    under `energy`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
