@@ -24,8 +24,12 @@
 #include "linear.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// Not ATen/cuda/CUDAContext.h: it pulls in cusparse.h, which a toolkit without the math
+// libraries' headers lacks (the CUDA wheel build in CI), as linear.cu avoids it too.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -33,6 +37,7 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#include <map>
 #include <mutex>
 #include <type_traits>
 
@@ -450,6 +455,19 @@ void launch_rank(const Args& args, at::ScalarType dtype, int64_t m_blocks, int s
   }
 }
 
+// SM count per device, queried once (a per-call query is issue 13's defect D6).
+int sm_count(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  counts.emplace(device, sms);
+  return sms;
+}
+
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
@@ -511,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
   // Split the output columns over grid.y until every SM has a block, when the row blocks fill
   // at most half the SMs (each split recomputes its rows' t: at B = 8192, 128 row blocks on 132
   // SMs, reading x twice would cost more than the 4 idle SMs).
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count(c10::cuda::current_device());
   int64_t splits = 1;
   if (2 * m_blocks <= sms) {
     splits = std::min<int64_t>(args.n_tiles, (sms + m_blocks - 1) / m_blocks);
@@ -519,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_tensorcore(
   splits = std::min<int64_t>(splits, 65535);
 
   launch_rank<false>(args, dtype, m_blocks, static_cast<int>(splits),
-                     at::cuda::getCurrentCUDAStream());
+                     c10::cuda::getCurrentCUDAStream());
   return {y.view(out_shape), t};
 }
 
@@ -557,7 +575,7 @@ LinearGrads linear_backward_tensorcore(const at::Tensor& grad_y, const at::Tenso
   args.r = sz.rank;
   args.vec_x = sz.out_features % 8 == 0 && aligned16(dy2);
   args.vec_r = sz.rank % 8 == 0 && aligned16(Uc);
-  launch_rank<true>(args, x.scalar_type(), m_blocks, 1, at::cuda::getCurrentCUDAStream());
+  launch_rank<true>(args, x.scalar_type(), m_blocks, 1, c10::cuda::getCurrentCUDAStream());
   const at::Tensor db = need_db ? col_sums.sum(0).to(x.scalar_type()) : at::Tensor();
   return linear_backward_cublas_given(grad_y, x, t, U, S, V, output_mask, g, db);
 }
