@@ -4,6 +4,7 @@
 #include <atomic>
 
 #include "cpu/blas.h"
+#include "cpu/output_alloc.h"
 
 namespace lowrank_ext {
 namespace {
@@ -38,5 +39,6 @@ const char* tensorcore_missing_reason() {
 }
 
 const char* cpu_gemm_path() { return cpu::cpu_blas_name(); }
+bool cpu_hugepage_outputs() { return cpu::hugepage_outputs(); }
 
 }  // namespace lowrank_ext

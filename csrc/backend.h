@@ -20,5 +20,7 @@ void set_cuda_kernels(CudaKernels kernels);
 
 // Name of the CPU GEMM path: "blas" (the BLAS inside libtorch, called directly) or "aten".
 const char* cpu_gemm_path();
+// Whether the CPU kernels put large outputs on huge-page advised memory (cpu/output_alloc.h).
+bool cpu_hugepage_outputs();
 
 }  // namespace lowrank_ext

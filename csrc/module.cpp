@@ -50,12 +50,18 @@ PyObject* cpu_gemm(PyObject*, PyObject*) {
   return PyUnicode_FromString(lowrank_ext::cpu_gemm_path());
 }
 
+PyObject* cpu_hugepages(PyObject*, PyObject*) {
+  return PyBool_FromLong(lowrank_ext::cpu_hugepage_outputs() ? 1 : 0);
+}
+
 PyMethodDef methods[] = {
     {"_set_cuda_kernels", set_cuda_kernels, METH_O, "Select the CUDA kernels of linear."},
     {"_cuda_kernels", cuda_kernels, METH_NOARGS, "The CUDA kernels linear runs."},
     {"_tensorcore_kernels", tensorcore_kernels, METH_NOARGS,
      "Whether this build holds the tensor-core kernels."},
     {"_cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM path: 'blas' or 'aten'."},
+    {"_cpu_hugepages", cpu_hugepages, METH_NOARGS,
+     "Whether large CPU outputs are advised for transparent huge pages."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

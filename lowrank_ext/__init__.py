@@ -31,6 +31,7 @@ from .ops import (
     use_cuda_kernels,
 )
 from .ops import cpu_gemm as _cpu_gemm
+from .ops import cpu_hugepages as _cpu_hugepages
 from .ops import tensorcore_kernels as _tensorcore_kernels
 from .training import OIALR, successive
 from .version import __version__
@@ -114,7 +115,8 @@ def build_info() -> dict:
     CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore", see `set_cuda_kernels`);
     cuda_paths (what that choice runs: {"forward": ..., "backward": ...}); tensorcore_kernels
     (bool: the tensor-core kernels are compiled in, i.e. a CUDA build that found CUTLASS);
-    cpu_gemm (how the CPU kernels multiply: "blas" or "aten"); cuda_device_available.
+    cpu_gemm (how the CPU kernels multiply: "blas" or "aten"); cpu_hugepages (bool: large CPU
+    outputs are advised for transparent huge pages, see `ops.cpu_hugepages`); cuda_device_available.
     """
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lowrank_ext::linear_forward", "CUDA"
@@ -130,5 +132,6 @@ def build_info() -> dict:
         "cuda_paths": _CUDA_PATHS[cuda_kernels()],
         "tensorcore_kernels": _tensorcore_kernels(),
         "cpu_gemm": _cpu_gemm(),
+        "cpu_hugepages": _cpu_hugepages(),
         "cuda_device_available": torch.cuda.is_available(),
     }

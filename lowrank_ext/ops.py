@@ -21,6 +21,7 @@ from ._extension import load
 BUILD_CONFIG = load()
 from ._C import (  # noqa: E402  (loaded by load())
     _cpu_gemm,
+    _cpu_hugepages,
     _cuda_kernels,
     _set_cuda_kernels,
     _tensorcore_kernels,
@@ -94,6 +95,14 @@ def cpu_gemm() -> str:
     """How the CPU kernels multiply: "blas" (the BLAS inside libtorch, called directly) or
     "aten" (through at::addmm_out, where that libtorch exports no BLAS entry points)."""
     return _cpu_gemm()
+
+
+def cpu_hugepages() -> bool:
+    """Whether the CPU kernels put outputs of 2 MiB and more (y, dx, project_out's Y, dX) on
+    2 MiB-aligned memory advised for transparent huge pages (Linux; on unless the environment
+    variable LOWRANK_EXT_HUGEPAGES=0 was set when the library loaded). A fresh large buffer
+    otherwise costs a page fault per 4 KiB on first write (bench/RESULTS.md)."""
+    return _cpu_hugepages()
 
 
 def _kernels_from_environment() -> None:

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/output_alloc.h"
 
 namespace lowrank_ext {
 namespace {
@@ -271,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   const LinearSizes sz = check_linear_args(x, U, S, V, bias, at::kCPU);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls
   const auto opts = x.options();
-  at::Tensor y = at::empty(linear_output_shape(x, sz.out_features), opts);
+  at::Tensor y = cpu::empty_output(linear_output_shape(x, sz.out_features), opts);
   at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
   if (sz.batch == 0) return {y, t};
 
@@ -321,7 +322,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const auto opts = x.options();
   const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
 
-  at::Tensor dx = need_dx ? at::empty(x.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dx = need_dx ? cpu::empty_output(x.sizes(), opts) : at::empty({0}, opts);
   auto grad = [&](bool needed, at::IntArrayRef shape) {
     // A sum over an empty batch is zero.
     return !needed ? at::empty({0}, opts) : B == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);

@@ -20,6 +20,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/output_alloc.h"
+
 namespace lowrank_ext {
 namespace {
 
@@ -173,7 +175,7 @@ ProjectOutResult project_out_forward_cpu(const at::Tensor& Q, const at::Tensor& 
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns;
   const at::Tensor Qc = Q.contiguous(), Xc = X.contiguous();
   const auto f64 = X.options().dtype(at::kDouble);
-  at::Tensor Y = at::empty({n, p}, X.options());
+  at::Tensor Y = cpu::empty_output({n, p}, X.options());
   at::Tensor coeffs = at::empty({passes, k, p}, f64);
   at::Tensor norms = at::empty({normalize ? p : 0}, f64);
 
@@ -210,7 +212,7 @@ ProjectOutGrads project_out_backward_cpu(const at::Tensor& grad_Y, const at::Ten
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n = sz.rows, k = sz.basis, p = sz.columns, np = n * p, kp = k * p;
   at::Tensor dQ = need_dQ ? at::empty({n, k}, Q.options()) : empty_grad(Q);
-  at::Tensor dX = need_dX ? at::empty({n, p}, X.options()) : empty_grad(X);
+  at::Tensor dX = need_dX ? cpu::empty_output({n, p}, X.options()) : empty_grad(X);
   if (!need_dQ && !need_dX) return {dQ, dX};
 
   const at::Tensor Gc = grad_Y.contiguous(), Qc = Q.contiguous(), Xc = X.contiguous();
