@@ -98,10 +98,11 @@ def cpu_gemm() -> str:
 
 
 def cpu_hugepages() -> bool:
-    """Whether the CPU kernels put outputs of 2 MiB and more (y, dx, project_out's Y, dX) on
-    2 MiB-aligned memory advised for transparent huge pages (Linux; on unless the environment
-    variable LOWRANK_EXT_HUGEPAGES=0 was set when the library loaded). A fresh large buffer
-    otherwise costs a page fault per 4 KiB on first write (bench/RESULTS.md)."""
+    """Whether the CPU kernels put buffers of 2 MiB and more (y, the saved t, the gradients,
+    project_out's Y and dX) on 2 MiB-aligned memory advised for transparent huge pages (Linux;
+    on unless the environment variable LOWRANK_EXT_HUGEPAGES=0 was set when the library loaded).
+    A fresh large buffer otherwise costs a page fault per 4 KiB on first write (bench/RESULTS.md).
+    """
     return _cpu_hugepages()
 
 

@@ -32,10 +32,10 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def _big_problem(dtype=torch.float32):
-    # y is 160 × 4096 float32 = 2.5 MiB: past the threshold; x the same.
+def _big_problem(dtype=torch.float32, rank=8):
+    # y and x are 160 × 4096 float32 = 2.5 MiB: past the threshold.
     g = torch.Generator().manual_seed(0)
-    return make_factors((160,), 4096, 4096, 8, dtype=dtype, generator=g)
+    return make_factors((160,), 4096, 4096, rank, dtype=dtype, generator=g)
 
 
 def _relerr(got, want):
@@ -51,7 +51,8 @@ def test_on_by_default_on_linux():
 @pytest.mark.skipif(not LINUX, reason="huge-page advice is Linux only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_outputs_are_aligned_advised_and_correct(dtype):
-    x, U, S, V, b = _big_problem(dtype)
+    # rank 160: U, V and so dU, dV are 4096 × 160 (2.5 MiB in float32), t 160 × 160 is small
+    x, U, S, V, b = _big_problem(dtype, rank=160)
     leaves = [t.clone().requires_grad_() for t in (x, U, S, V, b)]
     y = lowrank_ext.linear(*leaves)
     dy = torch.randn_like(y)
@@ -63,7 +64,7 @@ def test_large_outputs_are_aligned_advised_and_correct(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for got, want in zip((y, dx, dU, dS, dV, db), (y_ref, *grads_ref), strict=True):
         assert _relerr(got, want) < tol
-    for big in (y, dx):
+    for big in (y, dx, dU, dV):
         assert big.nbytes >= HUGE and big.is_contiguous()
         assert big.data_ptr() % HUGE == 0
         if os.path.isdir("/sys/kernel/mm/transparent_hugepage"):
@@ -121,3 +122,30 @@ def test_environment_switch_turns_it_off():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not LINUX, reason="huge-page advice is Linux only")
+def test_saved_t_is_large_output_too():
+    # t = x V is 8192 × 80 float32 = 2.5 MiB; y (8192 × 16) is small here
+    x, U, S, V, b = make_factors((8192,), 16, 16, 80, dtype=torch.float32)
+    y, t = torch.ops.lowrank_ext.linear_forward(x, U, S, V, b, True)
+    assert t.data_ptr() % HUGE == 0
+    assert _relerr(t, x.double() @ V.double()) < 1e-6
+    assert _relerr(y, reference.linear(*as_float64(x, U, S, V, b))) < 1e-5
+
+
+def test_large_output_works_with_torch_storage_operations(tmp_path):
+    """share_memory_ (the memory moves into a shared segment; ours is freed by its deleter),
+    torch.save/load, numpy views and storage resize to 0 behave as for any CPU tensor."""
+    x, U, S, V, b = _big_problem()
+    with torch.no_grad():
+        y = lowrank_ext.linear(x, U, S, V, b)
+    want = y.clone()
+    assert torch.equal(torch.from_numpy(y.numpy()), want)
+    torch.save(y, tmp_path / "y.pt")
+    assert torch.equal(torch.load(tmp_path / "y.pt"), want)
+    y.share_memory_()
+    assert y.is_shared() and torch.equal(y, want)
+    z = lowrank_ext.linear(x, U, S, V, b).detach()
+    z.untyped_storage().resize_(0)
+    assert z.untyped_storage().nbytes() == 0

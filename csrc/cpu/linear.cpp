@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls
   const auto opts = x.options();
   at::Tensor y = cpu::empty_output(linear_output_shape(x, sz.out_features), opts);
-  at::Tensor t = save_t ? at::empty({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
+  at::Tensor t = save_t ? cpu::empty_output({sz.batch, sz.rank}, opts) : at::empty({0}, opts);
   if (sz.batch == 0) return {y, t};
 
   const Core core = sz.diagonal_core                  ? Core::kScale
@@ -325,7 +325,8 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   at::Tensor dx = need_dx ? cpu::empty_output(x.sizes(), opts) : at::empty({0}, opts);
   auto grad = [&](bool needed, at::IntArrayRef shape) {
     // A sum over an empty batch is zero.
-    return !needed ? at::empty({0}, opts) : B == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);
+    if (!needed) return at::empty({0}, opts);
+    return B == 0 ? at::zeros(shape, opts) : cpu::empty_output(shape, opts);
   };
   at::Tensor dU = grad(need_dU, U.sizes()), dS = grad(need_dS, S.sizes());
   at::Tensor dV = grad(need_dV, V.sizes()), db = grad(need_db, {m});
@@ -342,7 +343,7 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     if (!needed || !split) return out;
     std::vector<int64_t> shape{slots};
     shape.insert(shape.end(), out.sizes().begin(), out.sizes().end());
-    return at::zeros(shape, opts);
+    return cpu::empty_output(shape, opts).zero_();
   };
   const at::Tensor pU = partial(need_dU, dU), pS = partial(need_dS, dS);
   const at::Tensor pV = partial(need_dV, dV), pb = partial(need_db, db);

@@ -1,4 +1,4 @@
-// Output tensors of the CPU kernels (y, dx, project_out's Y and dX).
+// Output and large work tensors of the CPU kernels (y, t, dx, dU, dV, project_out's Y and dX).
 //
 // A fresh buffer of many MiB comes from mmap on every call, and its first write faults in each
 // 4 KiB page: on the 2-core EPYC of bench/RESULTS.md a 64 MiB y or dx cost ~25 ms of page faults,
