@@ -110,8 +110,9 @@ def test_environment_switch_turns_it_off():
     code = (
         "import torch, lowrank_ext\n"
         "from lowrank_ext import reference\n"
-        "x = torch.randn(160, 4096, dtype=torch.float64); U = torch.randn(4096, 8, dtype=torch.float64)\n"
-        "V = torch.randn(4096, 8, dtype=torch.float64); S = torch.rand(8, dtype=torch.float64)\n"
+        "f = dict(dtype=torch.float64)\n"
+        "x = torch.randn(160, 4096, **f); U = torch.randn(4096, 8, **f)\n"
+        "V = torch.randn(4096, 8, **f); S = torch.rand(8, **f)\n"
         "y = lowrank_ext.linear(x, U, S, V)\n"
         "torch.testing.assert_close(y, reference.linear(x, U, S, V))\n"
         "print(lowrank_ext.build_info()['cpu_hugepages'])\n"
