@@ -114,13 +114,6 @@ def parse_args(argv=None):
         action="store_true",
         help="also torch.compile(mode='max-autotune') (compiling takes minutes)",
     )
-    p.add_argument(
-        "--baseline-hugepages",
-        action="store_true",
-        help="CPU: give torch's allocator huge pages too (THP_MEM_ALLOC_ENABLE=1, set before torch"
-        " allocates: the script re-executes itself), so the baselines' large outputs cost no more"
-        " page faults than the fused op's (lowrank_ext.ops.cpu_hugepages)",
-    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     return p.parse_args(argv)
 
@@ -175,11 +168,6 @@ def tensorcore_column(args, device: torch.device, impls: list[str]) -> list[str]
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.baseline_hugepages and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
-        # torch reads the variable once, at its first CPU allocation: already past here.
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-        rest = sys.argv[1:] if argv is None else list(argv)
-        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest])
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
@@ -279,8 +267,9 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        # huge pages for large outputs: the fused op's (build_info) and torch's (the baselines')
+        # torch's own huge-page switch for its CPU allocator (the baselines' outputs)
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "cpu_buffer_cache": lowrank_ext.cpu_buffer_cache(),
         "copy_bandwidth": bandwidth,
         "preset": args.preset,
         "full": args.full,
@@ -303,8 +292,7 @@ def main(argv=None) -> int:
         + (f" | CUDA {meta['cuda']}" if cuda else "")
         + f" | lowrank_ext {meta['build_info']['version']}"
         + (
-            f" | huge pages: fused {'on' if meta['build_info']['cpu_hugepages'] else 'off'},"
-            f" torch {'on' if meta['THP_MEM_ALLOC_ENABLE'] == '1' else 'off'}"
+            f" | fused's buffer cache {meta['build_info']['cpu_buffer_cache_mb']} MiB"
             if not cuda
             else ""
         )

@@ -39,6 +39,14 @@ const char* tensorcore_missing_reason() {
 }
 
 const char* cpu_gemm_path() { return cpu::cpu_blas_name(); }
-bool cpu_hugepage_outputs() { return cpu::hugepage_outputs(); }
+void cpu_buffer_cache_stats(int64_t out[4]) {
+  const cpu::BufferCacheStats s = cpu::buffer_cache_stats();
+  out[0] = s.cached_bytes;
+  out[1] = s.limit_bytes;
+  out[2] = s.hits;
+  out[3] = s.misses;
+}
+void empty_cpu_buffer_cache() { cpu::empty_buffer_cache(); }
+const char* cpu_buffer_cache_error() { return cpu::buffer_cache_config_error(); }
 
 }  // namespace lowrank_ext

@@ -1,6 +1,8 @@
 // Which CUDA kernels lowrank_ext::linear runs: a process-wide switch, read on every call.
 #pragma once
 
+#include <cstdint>
+
 namespace lowrank_ext {
 
 enum class CudaKernels : int {
@@ -20,7 +22,11 @@ void set_cuda_kernels(CudaKernels kernels);
 
 // Name of the CPU GEMM path: "blas" (the BLAS inside libtorch, called directly) or "aten".
 const char* cpu_gemm_path();
-// Whether the CPU kernels put large outputs on huge-page advised memory (cpu/output_alloc.h).
-bool cpu_hugepage_outputs();
+// The CPU kernels' cache of large output buffers (cpu/output_alloc.h): cached bytes, limit in
+// bytes, hits, misses; and a call that frees every cached buffer.
+void cpu_buffer_cache_stats(int64_t out[4]);
+void empty_cpu_buffer_cache();
+// Why LOWRANK_EXT_CPU_CACHE_MB was refused, or null.
+const char* cpu_buffer_cache_error();
 
 }  // namespace lowrank_ext

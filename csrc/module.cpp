@@ -50,8 +50,21 @@ PyObject* cpu_gemm(PyObject*, PyObject*) {
   return PyUnicode_FromString(lowrank_ext::cpu_gemm_path());
 }
 
-PyObject* cpu_hugepages(PyObject*, PyObject*) {
-  return PyBool_FromLong(lowrank_ext::cpu_hugepage_outputs() ? 1 : 0);
+PyObject* cpu_buffer_cache(PyObject*, PyObject*) {
+  if (const char* error = lowrank_ext::cpu_buffer_cache_error()) {
+    PyErr_SetString(PyExc_ValueError, error);
+    return nullptr;
+  }
+  int64_t s[4];
+  lowrank_ext::cpu_buffer_cache_stats(s);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "cached_bytes", static_cast<long long>(s[0]),
+                       "limit_bytes", static_cast<long long>(s[1]), "hits",
+                       static_cast<long long>(s[2]), "misses", static_cast<long long>(s[3]));
+}
+
+PyObject* empty_cpu_buffer_cache(PyObject*, PyObject*) {
+  lowrank_ext::empty_cpu_buffer_cache();
+  Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
@@ -60,8 +73,10 @@ PyMethodDef methods[] = {
     {"_tensorcore_kernels", tensorcore_kernels, METH_NOARGS,
      "Whether this build holds the tensor-core kernels."},
     {"_cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM path: 'blas' or 'aten'."},
-    {"_cpu_hugepages", cpu_hugepages, METH_NOARGS,
-     "Whether large CPU outputs are advised for transparent huge pages."},
+    {"_cpu_buffer_cache", cpu_buffer_cache, METH_NOARGS,
+     "The CPU kernels' cache of large output buffers: bytes, limit, hits, misses."},
+    {"_empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS,
+     "Free every cached CPU output buffer."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

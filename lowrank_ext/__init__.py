@@ -24,14 +24,15 @@ from .nn import (
 )
 from .ops import (
     BUILD_CONFIG,
+    cpu_buffer_cache,
     cuda_kernels,
+    empty_cpu_buffer_cache,
     linear,
     project_out,
     set_cuda_kernels,
     use_cuda_kernels,
 )
 from .ops import cpu_gemm as _cpu_gemm
-from .ops import cpu_hugepages as _cpu_hugepages
 from .ops import tensorcore_kernels as _tensorcore_kernels
 from .training import OIALR, successive
 from .version import __version__
@@ -73,8 +74,10 @@ __all__ = [
     "compress",
     "conversion_summary",
     "convert",
+    "cpu_buffer_cache",
     "cuda_kernels",
     "distill",
+    "empty_cpu_buffer_cache",
     "from_pretrained",
     "io",
     "landscape",
@@ -115,8 +118,8 @@ def build_info() -> dict:
     CUDA kernels `linear` runs now: "cublas", "fused" or "tensorcore", see `set_cuda_kernels`);
     cuda_paths (what that choice runs: {"forward": ..., "backward": ...}); tensorcore_kernels
     (bool: the tensor-core kernels are compiled in, i.e. a CUDA build that found CUTLASS);
-    cpu_gemm (how the CPU kernels multiply: "blas" or "aten"); cpu_hugepages (bool: large CPU
-    outputs are advised for transparent huge pages, see `ops.cpu_hugepages`); cuda_device_available.
+    cpu_gemm (how the CPU kernels multiply: "blas" or "aten"); cpu_buffer_cache_mb (the limit
+    of the CPU kernels' buffer cache, see `cpu_buffer_cache`); cuda_device_available.
     """
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lowrank_ext::linear_forward", "CUDA"
@@ -132,6 +135,6 @@ def build_info() -> dict:
         "cuda_paths": _CUDA_PATHS[cuda_kernels()],
         "tensorcore_kernels": _tensorcore_kernels(),
         "cpu_gemm": _cpu_gemm(),
-        "cpu_hugepages": _cpu_hugepages(),
+        "cpu_buffer_cache_mb": cpu_buffer_cache()["limit_bytes"] >> 20,
         "cuda_device_available": torch.cuda.is_available(),
     }

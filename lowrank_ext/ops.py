@@ -21,13 +21,15 @@ from ._extension import load
 BUILD_CONFIG = load()
 from ._C import (  # noqa: E402  (loaded by load())
     _cpu_gemm,
-    _cpu_hugepages,
+    _cpu_buffer_cache,
     _cuda_kernels,
+    _empty_cpu_buffer_cache,
     _set_cuda_kernels,
     _tensorcore_kernels,
 )
 
 _ops = torch.ops.lowrank_ext
+_cpu_buffer_cache()  # reads LOWRANK_EXT_CPU_CACHE_MB now: a bad value fails here, named
 # Bound once: the op's own overload, so a call costs one Python frame before C++.
 _linear = _ops.linear.default
 _project_out = _ops.project_out.default
@@ -97,13 +99,24 @@ def cpu_gemm() -> str:
     return _cpu_gemm()
 
 
-def cpu_hugepages() -> bool:
-    """Whether the CPU kernels put buffers of 2 MiB and more (y, the saved t, the gradients,
-    project_out's Y and dX) on 2 MiB-aligned memory advised for transparent huge pages (Linux;
-    on unless the environment variable LOWRANK_EXT_HUGEPAGES=0 was set when the library loaded).
-    A fresh large buffer otherwise costs a page fault per 4 KiB on first write (bench/RESULTS.md).
+def cpu_buffer_cache() -> dict:
+    """The CPU kernels' cache of large buffers (csrc/cpu/output_alloc.h).
+
+    Buffers of 2 MiB and more that the CPU kernels return (y, the saved t, every gradient,
+    project_out's Y and dX) come from this cache; when such a tensor is freed, its memory is kept
+    for the next call of the same size instead of going back to the OS, up to a limit
+    (environment variable LOWRANK_EXT_CPU_CACHE_MB, read once at import: a whole number of MiB,
+    default 256, 0 keeps nothing). A fresh buffer costs a page fault per 4 KiB on its first write, more than the GEMMs
+    at small rank (bench/RESULTS.md). Returns {"cached_bytes", "limit_bytes", "hits", "misses"}
+    (ints; bytes kept now, the limit, allocations served from the cache, allocations that mapped
+    new memory).
     """
-    return _cpu_hugepages()
+    return _cpu_buffer_cache()
+
+
+def empty_cpu_buffer_cache() -> None:
+    """Frees every buffer `cpu_buffer_cache` keeps (tensors in use are not touched)."""
+    _empty_cpu_buffer_cache()
 
 
 def _kernels_from_environment() -> None:
