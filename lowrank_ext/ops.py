@@ -20,8 +20,8 @@ from ._extension import load
 
 BUILD_CONFIG = load()
 from ._C import (  # noqa: E402  (loaded by load())
-    _cpu_gemm,
     _cpu_buffer_cache,
+    _cpu_gemm,
     _cuda_kernels,
     _empty_cpu_buffer_cache,
     _set_cuda_kernels,
@@ -106,10 +106,11 @@ def cpu_buffer_cache() -> dict:
     project_out's Y and dX) come from this cache; when such a tensor is freed, its memory is kept
     for the next call of the same size instead of going back to the OS, up to a limit
     (environment variable LOWRANK_EXT_CPU_CACHE_MB, read once at import: a whole number of MiB,
-    default 256, 0 keeps nothing). A fresh buffer costs a page fault per 4 KiB on its first write, more than the GEMMs
-    at small rank (bench/RESULTS.md). Returns {"cached_bytes", "limit_bytes", "hits", "misses"}
-    (ints; bytes kept now, the limit, allocations served from the cache, allocations that mapped
-    new memory).
+    default 256, 0 keeps nothing). A fresh buffer costs a page fault per 4 KiB on its first
+    write, more than the GEMMs at small rank (bench/RESULTS.md).
+
+    Returns {"cached_bytes", "limit_bytes", "hits", "misses"} (ints): bytes kept now, the limit,
+    allocations served from the cache, allocations that mapped new memory.
     """
     return _cpu_buffer_cache()
 
