@@ -102,7 +102,7 @@ def cpu_gemm() -> str:
 def cpu_buffer_cache() -> dict:
     """The CPU kernels' cache of large buffers (csrc/cpu/output_alloc.h).
 
-    Buffers of 2 MiB and more that the CPU kernels return (y, the saved t, every gradient,
+    Buffers of 256 KiB and more that the CPU kernels return (y, the saved t, every gradient,
     project_out's Y and dX) come from this cache; when such a tensor is freed, its memory is kept
     for the next call of the same size instead of going back to the OS, up to a limit
     (environment variable LOWRANK_EXT_CPU_CACHE_MB, read once at import: a whole number of MiB,

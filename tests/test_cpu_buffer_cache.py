@@ -1,7 +1,7 @@
-"""The CPU kernels' cache of large buffers (csrc/cpu/output_alloc.h): outputs of 2 MiB and more
-(y, the saved t, dx, dU, dV, project_out's Y and dX) against float64, 2 MiB alignment and the
-huge-page advice of new memory, a freed buffer handed out again (and never with stale values),
-the byte limit and eviction, LOWRANK_EXT_CPU_CACHE_MB (0 and bad values), resize, storage
+"""The CPU kernels' cache of large buffers (csrc/cpu/output_alloc.h): outputs of 256 KiB and
+more (y, the saved t, dx, dU, dV, project_out's Y and dX) against float64; 2 MiB alignment and
+huge-page advice from 2 MiB; a freed buffer handed out again (never with stale values); the
+byte limit and eviction; LOWRANK_EXT_CPU_CACHE_MB (0 and bad values); resize, storage
 operations, threads and fork."""
 
 import multiprocessing
@@ -130,6 +130,25 @@ def test_freed_buffer_is_reused_with_fresh_values(empty_cache):
     assert y2.data_ptr() == address and after["hits"] == kept["hits"] + 1
     assert after["cached_bytes"] == before["cached_bytes"]
     assert _relerr(y2, reference.linear(*as_float64(x2, U2, S2, V2, b2))) < 1e-5
+
+
+def test_mid_size_gradients_are_cached_at_page_alignment(empty_cache):
+    # B = 1, 4096 wide, r = 64: dU and dV are 1 MiB (under 2 MiB: 64 KiB granules, no huge pages)
+    x, U, S, V, b = make_factors((1,), 4096, 4096, 64, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, U, S, V, b)]
+    dy = torch.randn(1, 4096)
+    _, dU, _, dV, _ = torch.autograd.grad(lowrank_ext.linear(*leaves), leaves, dy)
+    addresses = {dU.data_ptr(), dV.data_ptr()}
+    assert all(a % 4096 == 0 for a in addresses)
+    before = lowrank_ext.cpu_buffer_cache()
+    del dU, dV
+    assert lowrank_ext.cpu_buffer_cache()["cached_bytes"] == before["cached_bytes"] + (2 << 20)
+    grads = torch.autograd.grad(lowrank_ext.linear(*leaves), leaves, dy)
+    assert {grads[1].data_ptr(), grads[3].data_ptr()} == addresses
+    ref = [t.clone().requires_grad_() for t in as_float64(x, U, S, V, b)]
+    want = torch.autograd.grad(reference.linear(*ref), ref, dy.double())
+    for got, w in zip(grads, want, strict=True):
+        assert _relerr(got, w) < 1e-5
 
 
 def test_small_outputs_bypass_the_cache(empty_cache):

@@ -19,6 +19,14 @@ namespace lowrank_ext::cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kMinCached = size_t{256} << 10;  // below: torch's allocator (glibc's heap)
+constexpr size_t kGranule = size_t{64} << 10;     // sizes under 2 MiB are rounded to this
+
+// The size a request of n bytes is served with: blocks of one rounded size are interchangeable.
+size_t rounded_size(size_t n) {
+  const size_t step = n >= kHugePage ? kHugePage : kGranule;
+  return (n + step - 1) / step * step;
+}
 
 // The byte limit of LOWRANK_EXT_CPU_CACHE_MB; a bad value leaves the limit at 0 and says why in
 // `error` (the Python import raises it: this runs under the C API, where a throw would abort).
@@ -43,9 +51,10 @@ struct Block {
 
 void* map_new(size_t bytes) {
   void* p = nullptr;
-  if (posix_memalign(&p, kHugePage, bytes) != 0) throw std::bad_alloc();
+  const bool huge = bytes >= kHugePage;
+  if (posix_memalign(&p, huge ? kHugePage : 4096, bytes) != 0) throw std::bad_alloc();
 #if defined(__linux__)
-  madvise(p, bytes, MADV_HUGEPAGE);  // advice: where refused, normal pages
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice: where refused, normal pages
 #endif
   return p;
 }
@@ -142,7 +151,7 @@ void release(void* ctx) {
 struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n == 0) return {nullptr, c10::Device(c10::kCPU)};
-    const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t bytes = rounded_size(n);
     void* p = BufferCache::get().take(bytes);
     return {p, new Block{p, bytes}, &release, c10::Device(c10::kCPU)};
   }
@@ -156,7 +165,7 @@ struct CachingAllocator final : c10::Allocator {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes =
       static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < kHugePage) return at::empty(sizes, options);
+  if (bytes < kMinCached) return at::empty(sizes, options);
   static auto* allocator = new CachingAllocator();  // never destroyed, like the cache
   return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
