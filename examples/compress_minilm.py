@@ -40,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ship_hf_model import ENCODER_LINEARS, embedding_loss, pool, sentences, tokenize  # noqa: E402
 
 FRACTIONS = (0.8, 0.6, 0.5, 0.4, 0.3)
-METHODS = ("plain", "whitened", "budget", "distilled")
+METHODS = ("plain", "whitened", "budget", "refit", "distilled")
 LABELS = {
     "plain": "per-layer SVD (uniform)",
     "whitened": "whitened SVD (uniform)",
     "budget": "whitened SVD + budget",
-    "distilled": "whitened + budget + distillation",
+    "refit": "whitened + budget + refit",
+    "distilled": "+ refit + distillation",
 }
 
 
@@ -107,6 +108,45 @@ def neighbours(vectors: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(1)
 
 
+class DistillationLoss:
+    """1 − mean cosine of the sentence embeddings, plus `hidden` times the mean over the encoder
+    blocks of each hidden state's relative squared error (real tokens; TinyBERT's
+    hidden-state distillation, arXiv:1909.10351, Eq. 7, normalized per layer). Every `every`
+    steps it also records the held-out mean cosine (step, distillation seconds so far without
+    these evaluations, cosine): the curve of the README."""
+
+    def __init__(self, hidden: float, student, reference, batches, every: int):
+        self.hidden, self.student, self.every = hidden, student, every
+        self.reference, self.batches = reference, batches
+        self.step, self.spent, self.start, self.curve = 0, 0.0, time.perf_counter(), []
+
+    def __call__(self, student_output, teacher_output, batch) -> torch.Tensor:
+        if self.every and self.step % self.every == 0:
+            self.record()
+        self.step += 1
+        value = embedding_loss(student_output, teacher_output, batch)
+        if self.hidden:
+            mask = batch["attention_mask"].bool()
+            pairs = list(zip(student_output.hidden_states, teacher_output.hidden_states))[1:]
+            errors = [((s - t)[mask] ** 2).sum() / (t[mask] ** 2).sum() for s, t in pairs]
+            value = value + self.hidden * torch.stack(errors).mean()
+        return value
+
+    def record(self) -> None:
+        paused = time.perf_counter()
+        with torch.no_grad():
+            got = embeddings(self.student, self.batches)
+        cosine = F.cosine_similarity(got, self.reference).mean().item()
+        self.curve.append((self.step, paused - self.start - self.spent, cosine))
+        self.spent += time.perf_counter() - paused
+
+
+def with_hidden_states(batch):
+    batch = dict(batch)
+    batch["output_hidden_states"] = True
+    return batch
+
+
 def targeted_parameters(model, names) -> int:
     """Parameters of the targeted layers, dense or low-rank (biases included)."""
     return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
@@ -134,9 +174,18 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=None, help="sentences (256)")
     parser.add_argument("--evaluation", type=int, default=None, help="sentences per set (512)")
     parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (80)")
-    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (250)")
+    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (500)")
     parser.add_argument("--out-of-domain", type=int, default=None, help="sentences (256)")
-    parser.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="distillation peak learning rate")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (10 %%)")
+    parser.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
+    parser.add_argument("--hidden", type=float, default=1.0,
+                        help="weight of the hidden-state loss (0: embeddings only)")
+    parser.add_argument("--refit-ridge", type=float, default=1e-2, help="ridge of refit")
+    parser.add_argument("--damping", type=float, default=0.0,
+                        help="α of the damped whitening C + α·diag(C) (0: none)")
+    parser.add_argument("--curve-every", type=int, default=50,
+                        help="held-out cosine every that many steps at 50 %% kept (0: none)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
@@ -146,7 +195,7 @@ def main(argv=None) -> int:
     n_calibration = args.calibration or (32 if quick else 256)
     n_evaluation = args.evaluation or (32 if quick else 512)
     steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 80)
-    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 250)
+    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 500)
     n_outside = args.out_of_domain or (32 if quick else 256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -194,6 +243,9 @@ def main(argv=None) -> int:
 
     order = torch.randperm(len(distill_texts), generator=torch.Generator().manual_seed(0))
     distill_batches = batched(tokenizer, [distill_texts[i] for i in order.tolist()], 16)
+    hidden_batches = [with_hidden_states(b) for b in distill_batches] if args.hidden else (
+        distill_batches)  # fmt: skip
+    curve = []
     rows = []
     for fraction in fractions:
         models = {}
@@ -207,10 +259,24 @@ def main(argv=None) -> int:
         stats.sensitivity = sensitivity
         student = copy.deepcopy(models["budget"][0])
         start = time.perf_counter()
+        lowrank_ext.refit(student, teacher, calibration_batches, ridge=args.refit_ridge,
+                          progress=False)  # fmt: skip
+        models["refit"] = (student, time.perf_counter() - start)
+        student = copy.deepcopy(student)
         fraction_steps = steps_at_half if fraction == 0.5 else steps
-        options = {"train": "all", "lr": args.lr, "loss": embedding_loss, "progress": False}
-        lowrank_ext.distill(student, teacher, distill_batches, fraction_steps, **options)
-        models["distilled"] = (student.eval(), time.perf_counter() - start)
+        warmup = args.warmup if args.warmup is not None else fraction_steps // 10
+        every = args.curve_every if fraction == 0.5 else 0
+        loss = DistillationLoss(args.hidden, student, reference["in_domain"][:128],
+                                batches["in_domain"][:4], every)  # fmt: skip
+        options = {"train": "all", "lr": args.lr, "loss": loss, "progress": False,
+                   "warmup": warmup, "schedule": args.schedule}  # fmt: skip
+        start = time.perf_counter()
+        lowrank_ext.distill(student, teacher, hidden_batches, fraction_steps, **options)
+        seconds = time.perf_counter() - start - loss.spent
+        if every:
+            loss.record()
+            curve = loss.curve
+        models["distilled"] = (student.eval(), seconds)
         for method, (model, seconds) in models.items():
             kept = targeted_parameters(model, names) / targeted_parameters(teacher, names)
             row = {
@@ -244,6 +310,12 @@ def main(argv=None) -> int:
         "distill_steps": steps,
         "distill_steps_at_half": steps_at_half,
         "distill_lr": args.lr,
+        "distill_warmup": args.warmup,
+        "distill_schedule": args.schedule,
+        "distill_hidden": args.hidden,
+        "refit_ridge": args.refit_ridge,
+        "damping": args.damping,
+        "distill_curve_at_half": curve,
         "fallbacks": stats.fallbacks,
         "rows": rows,
     }

@@ -21,6 +21,12 @@ which for x̂ = x is the whitened truncation itself: the refit generalizes it (a
 closed-form left-factor update of SVD-LLM Sec. 3.3 at a fixed V′ is a special case it never
 does worse than). W′ is stored as orthonormal U, V with S (whitening.py). A refitted layer whose
 error on the calibration data would exceed that of its current factors keeps them.
+
+The regression fits in_features coefficients per output from the calibration rows, so it needs
+many more rows than inputs: on all-MiniLM-L6-v2 (inputs of 384 and 1,536) 8,014 tokens gain
+(50 % kept: mean cosine 0.864 → 0.886 with ridge 1e-2, README) while 865 tokens overfit
+(0.926 → 0.919). A larger `ridge` pulls it toward the plain regularized solution; 0.1 was
+worse there than 1e-2.
 """
 
 from __future__ import annotations
