@@ -79,7 +79,8 @@ def licence_sentences(count: int) -> list[str]:
 def docstring_sentences(count: int) -> list[str]:
     """Sentences of 6–40 words from the docstrings of installed packages' public objects
     (numpy, torch, tqdm, transformers' generation, some standard modules), in a fixed
-    pseudo-random order: a second calibration domain (never the licence texts evaluated)."""
+    pseudo-random order: a second calibration domain (never the licence texts evaluated). The
+    split is naive, so some "sentences" carry docstrings' code examples and section heads."""
     import importlib
     import inspect
 
@@ -218,8 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--mix",
         type=float,
-        default=0.0,
-        help="share of calibration sentences from package docstrings (0: none)",
+        default=None,
+        help="share of calibration sentences from package docstrings (0.5; --quick: 0)",
     )
     parser.add_argument(
         "--curve-every",
@@ -254,8 +255,9 @@ def main(argv=None) -> int:
     # disjoint in-domain sets: calibration | distillation | evaluation
     texts = sentences(n_calibration + 1024 + n_evaluation)
     calibration_texts = texts[:n_calibration]
-    if args.mix:  # a share of the calibration from another domain, interleaved
-        other = round(args.mix * n_calibration)
+    mix = args.mix if args.mix is not None else (0.0 if quick else 0.5)
+    if mix:  # a share of the calibration from another domain, interleaved
+        other = round(mix * n_calibration)
         mixed = texts[: n_calibration - other] + docstring_sentences(other)
         order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))
         calibration_texts = [mixed[i] for i in order.tolist()]
@@ -281,7 +283,8 @@ def main(argv=None) -> int:
                                   progress=False)  # fmt: skip
     calibrate_seconds = time.perf_counter() - start
     print(f"calibrate: {len(stats.rows)} layers, {len(calibration_texts)} sentences, "
-          f"{next(iter(stats.rows.values()))} tokens, {calibrate_seconds:.1f} s")  # fmt: skip
+          f"{next(iter(stats.rows.values()))} tokens ({mix:.0%} of the sentences from "
+          f"docstrings), {calibrate_seconds:.1f} s")  # fmt: skip
     start = time.perf_counter()
     sensitivity = measure_sensitivity(teacher, stats, calibration_batches[:2], 0.5, progress=False)
     sensitivity_seconds = time.perf_counter() - start
@@ -360,7 +363,7 @@ def main(argv=None) -> int:
         "distill_schedule": args.schedule,
         "distill_hidden": args.hidden,
         "refit_ridge": args.refit_ridge,
-        "calibration_mix": args.mix,
+        "calibration_mix": mix,
         "distill_curve_at_half": curve,
         "fallbacks": stats.fallbacks,
         "rows": rows,
