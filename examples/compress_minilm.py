@@ -372,17 +372,20 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.figure:
-        figure(rows, args.figure)
+        figure(rows, curve, args.figure)
     return 0
 
 
-def figure(rows, path: Path) -> None:
+def figure(rows, curve, path: Path) -> None:
+    """Cosine vs parameters kept (in-domain, out-of-domain) and, with a curve, the held-out
+    cosine during the distillation at 50 % kept vs its seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = 3 if curve else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for ax, domain in zip(axes, ("in_domain", "out_of_domain")):
         for method in METHODS:
             points = sorted(
@@ -394,6 +397,14 @@ def figure(rows, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean cosine to the original's embeddings")
     axes[0].legend(fontsize=8)
+    if curve:
+        steps, seconds, cosine = zip(*curve)
+        axes[2].plot(seconds, cosine, marker=".")
+        for step, x, y in curve[:: max(1, len(curve) // 5)]:
+            axes[2].annotate(f"{step}", (x, y), fontsize=7)
+        axes[2].set_xlabel("distillation seconds (1 CPU thread; labels: steps)")
+        axes[2].set_title("50 % kept: distillation (128 held-out)")
+        axes[2].grid(alpha=0.3)
     fig.suptitle("all-MiniLM-L6-v2 compressed (examples/compress_minilm.py)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
