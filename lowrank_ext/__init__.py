@@ -9,7 +9,7 @@ import torch
 
 from . import analysis, compress, io, nn, plots, reference, training
 from .analysis import landscape, spectral
-from .compress import CalibrationStats, calibrate, distill
+from .compress import CalibrationStats, calibrate, distill, refit
 from .io import from_pretrained, save_pretrained
 from .nn import (
     LowRankConv2d,
@@ -88,6 +88,7 @@ __all__ = [
     "project_out",
     "ranks",
     "reference",
+    "refit",
     "save_pretrained",
     "spectral",
     "set_cuda_kernels",

@@ -117,3 +117,39 @@ def test_default_learning_rate_follows_train(monkeypatch, train, lr):
     assert seen == {"lr": lr, "weight_decay": 0.01}
     with pytest.raises(ValueError, match="argument 'weight_decay'"):
         lowrank_ext.distill(student, teacher, batches, steps=2, weight_decay=-1.0, progress=False)
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    from lowrank_ext.compress.distill import lr_factor
+
+    # warm-up 1/w, 2/w, ..., then the cosine from 1 down towards 0 after the last step
+    factors = [lr_factor(step, 10, 2, "cosine") for step in range(10)]
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert factors == pytest.approx(expected, rel=1e-12)
+    assert [lr_factor(step, 5, 0, "constant") for step in range(5)] == [1.0] * 5
+    # it is applied: Adam's first update of each S entry is lr_t·g/|g| with lr_t = lr/3 here
+    X, teacher, student, batches = setup()
+    seen = []
+
+    def loss(student_output, teacher_output, batch):
+        seen.append(student[0].S.detach().clone())
+        return ((student_output - teacher_output) ** 2).mean()
+
+    lowrank_ext.distill(student, teacher, batches, steps=4, warmup=3, lr=1e-3, weight_decay=0.0,
+                        loss=loss, progress=False)  # fmt: skip
+    torch.testing.assert_close((seen[1] - seen[0]).abs(), torch.full_like(seen[0], 1e-3 / 3),
+                               rtol=1e-4, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"warmup": 5}, "argument 'warmup'"),
+        ({"warmup": -1}, "argument 'warmup'"),
+        ({"schedule": "linear"}, "argument 'schedule'"),
+    ],  # fmt: skip
+)
+def test_bad_schedule_is_named(options, message):
+    X, teacher, student, batches = setup()
+    with pytest.raises(ValueError, match=message):
+        lowrank_ext.distill(student, teacher, batches, steps=5, progress=False, **options)

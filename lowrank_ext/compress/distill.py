@@ -10,6 +10,7 @@ teacher's output on the same inputs. The default loss is the relative squared er
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -24,6 +25,18 @@ from .sensitivity import first_tensor
 __all__ = ["distill"]
 
 _TRAIN = ("S", "all")
+_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The learning rate of `step` (0-based) as a fraction of the peak: linear warm-up over
+    `warmup` steps, then constant or a cosine decay reaching 0 after the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / (steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def relative_error(student_output, teacher_output, batch) -> torch.Tensor:
@@ -46,6 +59,8 @@ def distill(
     loss: Callable | None = None,
     seed: int = 0,
     dropout: bool = False,
+    warmup: int = 0,
+    schedule: str = "constant",
     progress: bool = True,
 ) -> list[float]:
     """Train `student` to reproduce `teacher`'s outputs on `batches` for `steps` AdamW steps.
@@ -67,12 +82,17 @@ def distill(
         seed: seeds torch's global generator for the run (dropout), restored afterwards, so the
             same seed gives the same student.
         dropout: train the student in training mode (its dropout active); default eval mode.
+        warmup: steps over which the learning rate rises linearly from lr/warmup to lr
+            (0 ≤ warmup < steps; default 0).
+        schedule: the learning rate after the warm-up: "constant" (default) or "cosine",
+            decaying from lr to 0 at the last step (Loshchilov & Hutter, SGDR,
+            arXiv:1608.03983, Eq. 5 without restarts).
         progress: a tqdm bar over the steps.
 
     Returns the loss of every step. Raises ValueError naming the argument (steps, train, lr,
-    weight_decay, a teacher that is the student or shares a parameter with it, no trainable
-    parameter, batches empty or run out, a non-finite loss); on any error the student's
-    parameters and buffers are put back as they were.
+    weight_decay, warmup, schedule, a teacher that is the student or shares a parameter with
+    it, no trainable parameter, batches empty or run out, a non-finite loss); on any error the
+    student's parameters and buffers are put back as they were.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"argument 'steps' must be a positive int, got {steps!r}")
@@ -88,6 +108,10 @@ def distill(
         or not weight_decay >= 0
     ):
         raise ValueError(f"argument 'weight_decay' must be a number >= 0, got {weight_decay!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        raise ValueError(f"argument 'warmup' must be an int in [0, steps={steps}), got {warmup!r}")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"argument 'schedule' must be one of {_SCHEDULES}, got {schedule!r}")
     if teacher is student or {id(p) for p in teacher.parameters()} & {
         id(p) for p in student.parameters()
     }:
@@ -110,6 +134,9 @@ def distill(
             for p in parameters:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, steps, warmup, schedule)
+            )
             teacher.eval()
             student.train(dropout)
             stream = _cycle(batches)
@@ -126,6 +153,7 @@ def distill(
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
+                scheduler.step()
                 losses.append(value.item())
         if train == "all":
             _reorthonormalize(student)
