@@ -106,7 +106,7 @@ def cpu_buffer_cache() -> dict:
     project_out's Y and dX) come from this cache; when such a tensor is freed, its memory is kept
     for the next call of the same size instead of going back to the OS, up to a limit
     (environment variable LOWRANK_EXT_CPU_CACHE_MB, read once at import: a whole number of MiB,
-    default 256, 0 keeps nothing). A fresh buffer costs a page fault per 4 KiB on its first
+    default 256, 0 turns it off). A fresh buffer costs a page fault per 4 KiB on its first
     write, more than the GEMMs at small rank (bench/RESULTS.md).
 
     Returns {"cached_bytes", "limit_bytes", "hits", "misses"} (ints): bytes kept now, the limit,

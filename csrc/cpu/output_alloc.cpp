@@ -103,6 +103,7 @@ class BufferCache {
   }
 
   const std::string& config_error() const { return error_; }
+  int64_t limit() const { return limit_; }
 
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -165,7 +166,8 @@ struct CachingAllocator final : c10::Allocator {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes =
       static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < kMinCached) return at::empty(sizes, options);
+  // Cache off: torch's allocator, as without this file (not huge pages alone: see the header).
+  if (bytes < kMinCached || BufferCache::get().limit() == 0) return at::empty(sizes, options);
   static auto* allocator = new CachingAllocator();  // never destroyed, like the cache
   return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
