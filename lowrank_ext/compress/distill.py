@@ -47,6 +47,18 @@ def relative_error(student_output, teacher_output, batch) -> torch.Tensor:
     return ((s - t) ** 2).sum() / (t**2).sum().clamp_min(torch.finfo(t.dtype).tiny)
 
 
+def check_separate_teacher(student: nn.Module, teacher: nn.Module, verb: str) -> None:
+    """Raises ValueError when `teacher` is `student` or shares a parameter with it: training
+    or refitting the student would then move the target too."""
+    if teacher is student or {id(p) for p in teacher.parameters()} & {
+        id(p) for p in student.parameters()
+    }:
+        raise ValueError(
+            f"argument 'teacher' is the student or shares parameters with it: {verb} against "
+            "a separate copy of the original model (copy.deepcopy before convert)"
+        )
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -112,13 +124,7 @@ def distill(
         raise ValueError(f"argument 'warmup' must be an int in [0, steps={steps}), got {warmup!r}")
     if schedule not in _SCHEDULES:
         raise ValueError(f"argument 'schedule' must be one of {_SCHEDULES}, got {schedule!r}")
-    if teacher is student or {id(p) for p in teacher.parameters()} & {
-        id(p) for p in student.parameters()
-    }:
-        raise ValueError(
-            "argument 'teacher' is the student or shares parameters with it: distill against "
-            "a separate copy of the original model (copy.deepcopy before convert)"
-        )
+    check_separate_teacher(student, teacher, "distill")
     parameters = _trainable(student, train)
     loss_fn = loss or relative_error
     saved = {k: v.detach().clone() for k, v in student.state_dict(keep_vars=True).items()}

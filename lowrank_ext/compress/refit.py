@@ -41,6 +41,7 @@ from ..nn.calibrated import linear_matrix
 from ..nn.hf_conv1d import linear_kinds
 from ..nn.linear import LowRankLinear
 from .batches import padding_mask, run_batch, token_rows
+from .distill import check_separate_teacher
 from .whitening import WhitenedSVD, whitening_factor
 
 __all__ = ["refit"]
@@ -98,13 +99,7 @@ def refit(
         raise ValueError("argument 'batches' is empty: the refit needs at least one batch")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
         raise ValueError(f"argument 'ridge' must be a number ≥ 0, got {ridge!r}")
-    if teacher is student or {id(p) for p in teacher.parameters()} & {
-        id(p) for p in student.parameters()
-    }:
-        raise ValueError(
-            "argument 'teacher' is the student or shares parameters with it: refit against a "
-            "separate copy of the original model (copy.deepcopy before convert)"
-        )
+    check_separate_teacher(student, teacher, "refit")
     layers = _layers(student, teacher)
     saved = {k: v.detach().clone() for k, v in student.state_dict(keep_vars=True).items()}
     modes = {m: m.training for m in list(student.modules()) + list(teacher.modules())}
