@@ -189,11 +189,19 @@ def test_limit_evicts_the_oldest_and_zero_keeps_nothing():
         with torch.no_grad():
             y3 = lowrank_ext.linear(x, U, S, V)
         limit = lowrank_ext.cpu_buffer_cache()["limit_bytes"]
-        print(a >> 20, b >> 20, y3.data_ptr() == p2, limit >> 20)
+        # 9 MiB > the limit: torch's allocator serves it, the cache never counts it
+        before = lowrank_ext.cpu_buffer_cache()
+        with torch.no_grad():
+            big = lowrank_ext.linear(torch.randn(576, 4096), U, S, V)
+        del big
+        after = lowrank_ext.cpu_buffer_cache()
+        keys = ("hits", "misses", "cached_bytes")
+        untouched = all(after[k] == before[k] for k in keys)
+        print(a >> 20, b >> 20, y3.data_ptr() == p2, limit >> 20, untouched)
     """
     out = _run_python(code, LOWRANK_EXT_CPU_CACHE_MB="6")
-    a_mb, b_mb, reused, limit = out.split()
-    assert (int(a_mb), int(b_mb), reused, int(limit)) == (4, 4, "True", 6)
+    a_mb, b_mb, reused, limit, untouched = out.split()
+    assert (int(a_mb), int(b_mb), reused, int(limit), untouched) == (4, 4, "True", 6, "True")
     code0 = """
         import torch, lowrank_ext
         from lowrank_ext import reference

@@ -166,8 +166,12 @@ struct CachingAllocator final : c10::Allocator {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes =
       static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  // Cache off: torch's allocator, as without this file (not huge pages alone: see the header).
-  if (bytes < kMinCached || BufferCache::get().limit() == 0) return at::empty(sizes, options);
+  // Cache off, or a buffer it could never keep: torch's allocator, as without this file (not
+  // huge pages alone: see the header).
+  const int64_t limit = BufferCache::get().limit();
+  if (bytes < kMinCached || static_cast<int64_t>(rounded_size(bytes)) > limit) {
+    return at::empty(sizes, options);
+  }
   static auto* allocator = new CachingAllocator();  // never destroyed, like the cache
   return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);

@@ -14,8 +14,8 @@
 // (virtio-balloon free page reporting) a freed 2 MiB block is taken back, and the next call
 // faulted it in from the host again, 3-8x slower than a 4 KiB page run.
 //
-// LOWRANK_EXT_CPU_CACHE_MB (read once; default 256) limits the bytes kept; 0 turns the cache
-// off (every buffer from torch's allocator).
+// LOWRANK_EXT_CPU_CACHE_MB (read once; default 256) limits the bytes kept; a buffer larger than
+// the limit, and every buffer at 0 (cache off), comes from torch's allocator.
 #pragma once
 
 #include <ATen/ATen.h>
