@@ -632,6 +632,20 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def run_record(script: str, argv: list[str] | None, quick: bool, config: dict) -> dict:
+    """What a study's JSON starts with: when, where, how it was run, and the load at the start."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "command": f"python examples/{script} "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": quick,
+        "config": config,
+        "load_start": load_average(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small subsets, 1 seed, 1–2 epochs")
@@ -691,17 +705,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         config["epochs"][study] = int(value)
     started = time.perf_counter()
-    results = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "command": "python examples/oialr_fashion_mnist.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "quick": args.quick,
-        "config": config,
-        "load_start": load_average(),
-        "studies": [],
-    }
+    results = {**run_record("oialr_fashion_mnist.py", argv, args.quick, config), "studies": []}
 
     def log(message: str) -> None:
         print(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import sys
@@ -54,9 +53,9 @@ from oialr_fashion_mnist import (  # noqa: E402  (the sibling study: model, data
     fmt,
     load,
     load_average,
-    machine,
     mean_sd,
     run_line,
+    run_record,
 )
 
 FULL = {
@@ -397,14 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
             config[key] = getattr(args, key)
     started = time.perf_counter()
     saved = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "command": "python examples/successive_fashion_mnist.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "quick": args.quick,
-        "config": config,
-        "load_start": load_average(),
+        **run_record("successive_fashion_mnist.py", argv, args.quick, config),
         "out": str(args.out),
         "seeds": [],
     }
