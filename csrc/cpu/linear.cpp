@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <memory>
 #include <vector>
 
 #include "cpu/blas.h"
@@ -67,16 +66,17 @@ class Scratch {
     if (bytes <= kKeepBytes) {
       if (kept.size() * sizeof(std::max_align_t) < bytes) kept.resize(kKeepBytes / sizeof(std::max_align_t));
       data_ = reinterpret_cast<T*>(kept.data());
-    } else {
-      owned_.reset(new T[bytes / sizeof(T)]);
-      data_ = owned_.get();
+    } else {  // from the buffer cache: a fresh block here faulted in every call (large B, r)
+      owned_ = cpu::empty_output({std::max<int64_t>(elements, 1)},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+      data_ = owned_.mutable_data_ptr<T>();
     }
   }
   T* get() const { return data_; }
 
  private:
   static constexpr size_t kKeepBytes = size_t{1} << 20;
-  std::unique_ptr<T[]> owned_;
+  at::Tensor owned_;
   T* data_ = nullptr;
 };
 
