@@ -1,5 +1,5 @@
 // Large output and work tensors of the CPU kernels (y, the saved t, dx, dU, dV, project_out's Y
-// and dX): 256 KiB and more.
+// and dX: 256 KiB and more; the backward's work memory past 1 MiB).
 //
 // A fresh buffer of that size comes from mmap, and its first write faults in every 4 KiB page:
 // on the 2-core VM of bench/RESULTS.md allocating and filling 64 MiB took ~50 ms, and refilling
