@@ -13,6 +13,9 @@ from lowrank_ext import reference
 SHAPES = [  # (batch, in, out, rank)
     (1, 33, 17, 5),  # one row: every product is a matrix-vector product
     (1, 33, 17, 1),
+    # one row, sizes that end every loop of cpu/gemv.cpp off its step: rank past one column panel
+    # (64 float32, 32 float64), in % 4 == 1, out % 4 == 3
+    (1, 301, 203, 70),
     (5, 1, 7, 1),  # one input feature, rank 1: t and dU are columns
     (3, 9, 1, 2),  # one output feature
     (64, 20, 30, 4),  # exactly one forward block
@@ -82,6 +85,22 @@ def test_backward_recomputes_t_when_it_was_not_saved(shape, core, threads):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(1, 301, 203, 70), (1, 4096, 4096, 16), (2, 130, 67, 33)])
+@pytest.mark.parametrize("core", ["diag", "full"])
+def test_float64_one_row_matches_the_reference_to_rounding(shape, core, threads):
+    # float64 through the same loops (their float64 copies), against the unfused formula
+    B, n, m, r = shape
+    gen = torch.Generator().manual_seed(n + r)
+    args = make_factors((B,), n, m, r, core=core, bias=True, dtype=torch.float64, generator=gen)
+    leaves, ref_leaves = _leaves(args), _leaves(args)
+    dy = torch.randn(B, m, dtype=torch.float64, generator=gen)
+    y, y_ref = lowrank_ext.linear(*leaves), reference.linear(*ref_leaves)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y, leaves, dy)
+    for got, want in zip(grads, torch.autograd.grad(y_ref, ref_leaves, dy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
 def test_huge_rank_small_batch_sizes_work_memory_by_rows():
     # Issue 13 (D10): work buffers were sized max(64, 8r) x r whatever the batch, so this call
     # tried to allocate 57-115 GB. Now they follow the 70 rows: a few tens of MB.
@@ -91,7 +110,9 @@ def test_huge_rank_small_batch_sizes_work_memory_by_rows():
     _check_against_float64(_leaves(args), args, torch.randn(B, m, generator=gen))
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 10, 3), (300, 16, 12, 5), (5, 1, 7, 1)])
+@pytest.mark.parametrize(
+    "shape", [(1, 12, 10, 3), (1, 301, 203, 70), (300, 16, 12, 5), (5, 1, 7, 1)]
+)
 @pytest.mark.parametrize("core", ["diag", "full"])
 def test_factors_in_transposed_storage_are_read_in_place(shape, core, threads):
     # torch.linalg.qr/svd return column-major factors; the kernels read them through BLAS's

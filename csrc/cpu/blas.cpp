@@ -5,6 +5,8 @@
 
 #include <climits>
 
+#include "cpu/gemv.h"
+
 extern "C" {
 // Fortran BLAS (column-major, arguments by reference, 32-bit integers: the LP64 interface that
 // libtorch itself calls). Weak: absent symbols resolve to null instead of failing the load.
@@ -80,6 +82,37 @@ bool try_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const 
   return true;
 }
 
+// Single-row, single-column and k = 1 products through cpu/gemv.h, where the vectors are
+// contiguous (always so in the kernels' one-row passes). Faster than MKL's gemv and gemm at
+// these shapes on the 2-core EPYC (bench/RESULTS.md, 2026-12-01); BLAS gemv stays for the rest.
+template <typename T>
+bool try_own_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
+                  int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 1) {  // c (n) = a op(B), a = row 0 of op(A)
+    if (op_a == Op::T && lda != 1) return false;
+    if (op_b == Op::N) {
+      vec_mat(k, n, alpha, A, B, ldb, beta, C);
+    } else {
+      mat_vec(n, k, alpha, B, ldb, A, beta, C);
+    }
+    return true;
+  }
+  if (n == 1) {  // c (m) = op(A) b, b = column 0 of op(B)
+    if (ldc != 1 || (op_b == Op::N && ldb != 1)) return false;
+    if (op_a == Op::N) {
+      mat_vec(m, k, alpha, A, lda, B, beta, C);
+    } else {
+      vec_mat(k, m, alpha, B, A, lda, beta, C);
+    }
+    return true;
+  }
+  if (k == 1 && (op_b == Op::N || ldb == 1)) {  // C = a bᵀ: column 0 of op(A), row 0 of op(B)
+    outer(m, n, alpha, A, op_a == Op::N ? lda : 1, B, beta, C, ldc);
+    return true;
+  }
+  return false;
+}
+
 bool fits_int(int64_t v) { return v <= INT_MAX; }
 
 // The same product through ATen, on views of the caller's memory.
@@ -113,6 +146,7 @@ void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A
     gemm_aten(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
+  if (try_own_gemv(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   if (try_gemv(op_a, op_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)) return;
   // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands, keep the
   // transpose flags (a row-major matrix read column-major is its own transpose).
