@@ -16,6 +16,7 @@ SHAPES = [  # (batch, in, out, rank)
     # one row, sizes that end every loop of cpu/gemv.cpp off its step: rank past one column panel
     # (64 float32, 32 float64), in % 4 == 1, out % 4 == 3
     (1, 301, 203, 70),
+    (1, 2048, 1100, 40),  # factors past 256 KiB: with 2 threads each product is split over them
     (5, 1, 7, 1),  # one input feature, rank 1: t and dU are columns
     (3, 9, 1, 2),  # one output feature
     (64, 20, 30, 4),  # exactly one forward block
@@ -111,7 +112,8 @@ def test_huge_rank_small_batch_sizes_work_memory_by_rows():
 
 
 @pytest.mark.parametrize(
-    "shape", [(1, 12, 10, 3), (1, 301, 203, 70), (300, 16, 12, 5), (5, 1, 7, 1)]
+    "shape",
+    [(1, 12, 10, 3), (1, 301, 203, 70), (1, 2048, 1100, 40), (300, 16, 12, 5), (5, 1, 7, 1)],
 )
 @pytest.mark.parametrize("core", ["diag", "full"])
 def test_factors_in_transposed_storage_are_read_in_place(shape, core, threads):

@@ -3,7 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
 #include <climits>
+#include <vector>
 
 #include "cpu/gemv.h"
 
@@ -85,29 +88,82 @@ bool try_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const 
 // Single-row, single-column and k = 1 products through cpu/gemv.h, where the vectors are
 // contiguous (always so in the kernels' one-row passes). Faster than MKL's gemv and gemm at
 // these shapes on the 2-core EPYC (bench/RESULTS.md, 2026-12-01); BLAS gemv stays for the rest.
+// A matrix-vector product over this many bytes of the matrix or more is split over torch's
+// threads: one core streams a factor from L3 at about half the rate two do (bench/RESULTS.md,
+// 2026-12-01). Never from inside a parallel region (the kernels' own batch split).
+constexpr int64_t kSplitBytes = int64_t{256} << 10;
+
+bool split(int64_t rows, int64_t cols, size_t elem) {
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && rows > 1 &&
+         rows * cols * static_cast<int64_t>(elem) >= kSplitBytes;
+}
+
+int64_t grain(int64_t rows) { return at::divup(rows, at::get_num_threads()); }
+
+// y = alpha · xᵀ A + beta · y with A's k rows split over threads: each sums its rows into its own
+// partial, added up at the end.
+template <typename T>
+void vec_mat_split(int64_t k, int64_t w, T alpha, const T* x, const T* A, int64_t lda, T beta,
+                   T* y) {
+  if (!split(k, w, sizeof(T))) return vec_mat(k, w, alpha, x, A, lda, beta, y);
+  const int64_t threads = at::get_num_threads();
+  thread_local std::vector<T> partial;
+  partial.assign(static_cast<size_t>(threads * w), T(0));
+  T* sums = partial.data();
+  at::parallel_for(0, k, grain(k), [&](int64_t begin, int64_t end) {
+    vec_mat(end - begin, w, T(1), x + begin, A + begin * lda, lda, T(0),
+            sums + at::get_thread_num() * w);
+  });
+  for (int64_t j = 0; j < w; ++j) {
+    T sum = 0;
+    for (int64_t t = 0; t < threads; ++t) sum += sums[t * w + j];
+    y[j] = beta == T(0) ? alpha * sum : alpha * sum + beta * y[j];
+  }
+}
+
+// y = alpha · A x + beta · y with A's w rows (and y) split over threads.
+template <typename T>
+void mat_vec_split(int64_t w, int64_t k, T alpha, const T* A, int64_t lda, const T* x, T beta,
+                   T* y) {
+  if (!split(w, k, sizeof(T))) return mat_vec(w, k, alpha, A, lda, x, beta, y);
+  at::parallel_for(0, w, grain(w), [&](int64_t begin, int64_t end) {
+    mat_vec(end - begin, k, alpha, A + begin * lda, lda, x, beta, y + begin);
+  });
+}
+
+// C = alpha · a bᵀ + beta · C with C's m rows split over threads.
+template <typename T>
+void outer_split(int64_t m, int64_t n, T alpha, const T* a, int64_t inc_a, const T* b, T beta,
+                 T* C, int64_t ldc) {
+  if (!split(m, n, sizeof(T))) return outer(m, n, alpha, a, inc_a, b, beta, C, ldc);
+  at::parallel_for(0, m, grain(m), [&](int64_t begin, int64_t end) {
+    outer(end - begin, n, alpha, a + begin * inc_a, inc_a, b, beta, C + begin * ldc, ldc);
+  });
+}
+
 template <typename T>
 bool try_own_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m == 1) {  // c (n) = a op(B), a = row 0 of op(A)
     if (op_a == Op::T && lda != 1) return false;
     if (op_b == Op::N) {
-      vec_mat(k, n, alpha, A, B, ldb, beta, C);
+      vec_mat_split(k, n, alpha, A, B, ldb, beta, C);
     } else {
-      mat_vec(n, k, alpha, B, ldb, A, beta, C);
+      mat_vec_split(n, k, alpha, B, ldb, A, beta, C);
     }
     return true;
   }
   if (n == 1) {  // c (m) = op(A) b, b = column 0 of op(B)
     if (ldc != 1 || (op_b == Op::N && ldb != 1)) return false;
     if (op_a == Op::N) {
-      mat_vec(m, k, alpha, A, lda, B, beta, C);
+      mat_vec_split(m, k, alpha, A, lda, B, beta, C);
     } else {
-      vec_mat(k, m, alpha, B, A, lda, beta, C);
+      vec_mat_split(k, m, alpha, B, A, lda, beta, C);
     }
     return true;
   }
   if (k == 1 && (op_b == Op::N || ldb == 1)) {  // C = a bᵀ: column 0 of op(A), row 0 of op(B)
-    outer(m, n, alpha, A, op_a == Op::N ? lda : 1, B, beta, C, ldc);
+    outer_split(m, n, alpha, A, op_a == Op::N ? lda : 1, B, beta, C, ldc);
     return true;
   }
   return false;
