@@ -94,18 +94,25 @@ bool try_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const 
 constexpr int64_t kSplitBytes = int64_t{256} << 10;
 
 bool split(int64_t rows, int64_t cols, size_t elem) {
-  return at::get_num_threads() > 1 && !at::in_parallel_region() && rows > 1 &&
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && rows * cols > 1 &&
          rows * cols * static_cast<int64_t>(elem) >= kSplitBytes;
 }
 
 int64_t grain(int64_t rows) { return at::divup(rows, at::get_num_threads()); }
 
-// y = alpha · xᵀ A + beta · y with A's k rows split over threads: each sums its rows into its own
+// y = alpha · xᵀ A + beta · y split over threads: by columns where y is long (a transposed
+// factor's rows, y = z Uᵀ), else by A's k rows, each thread summing its rows into its own
 // partial, added up at the end.
 template <typename T>
 void vec_mat_split(int64_t k, int64_t w, T alpha, const T* x, const T* A, int64_t lda, T beta,
                    T* y) {
   if (!split(k, w, sizeof(T))) return vec_mat(k, w, alpha, x, A, lda, beta, y);
+  if (w >= 256) {
+    at::parallel_for(0, w, grain(w), [&](int64_t begin, int64_t end) {
+      vec_mat(k, end - begin, alpha, x, A + begin, lda, beta, y + begin);
+    });
+    return;
+  }
   const int64_t threads = at::get_num_threads();
   thread_local std::vector<T> partial;
   partial.assign(static_cast<size_t>(threads * w), T(0));
