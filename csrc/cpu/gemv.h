@@ -1,10 +1,10 @@
 // Matrix-vector products on raw row-major pointers: the one-row (batch 1) passes of the CPU
 // kernels, where each product streams a factor once and is bound by memory, not arithmetic.
 //
-// Why not BLAS gemv: at these shapes (a 4096×16 factor, a 16-long vector) MKL's sgemv ran at
-// half the bandwidth a plain streaming loop reaches on the 2-core EPYC (bench/RESULTS.md,
-// 2026-12-01), and its call costs about as much as the product at 768 wide. The loops are
-// compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time (GCC target_clones).
+// Why not BLAS gemv: at these shapes (a 4096×16 factor, a 16-long vector) MKL's sgemv and sgemm
+// took 1.3–1.6× the time of these loops on the 2-core EPYC (bench/RESULTS.md, 2026-12-01). The
+// loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time (GCC
+// target_clones); blas.cpp splits large ones over threads.
 #pragma once
 
 #include <cstdint>
