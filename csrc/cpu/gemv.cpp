@@ -38,29 +38,38 @@ template <typename V>
   return v;
 }
 
+// A two-vector shuffle with constant lane indices: clang and GCC 12+ spell it
+// __builtin_shufflevector, older GCC __builtin_shuffle with a mask vector.
+#if defined(__clang__) || __GNUC__ >= 12
+#define LOWRANK_EXT_SHUFFLE(Mask, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define LOWRANK_EXT_SHUFFLE(Mask, a, b, ...) __builtin_shuffle(a, b, Mask{__VA_ARGS__})
+#endif
+
 // lanes[j] = Σ of vector a_j's lanes, for the 8 (float) or 4 (double) vectors of one tile: a
 // transpose-and-add tree, so the horizontal sums cost a few shuffles per row, not a reduction each.
 [[gnu::always_inline]] inline F8 lane_sums(const F8 (&a)[8]) {
-  const I8 even{0, 8, 2, 10, 4, 12, 6, 14}, odd{1, 9, 3, 11, 5, 13, 7, 15};
-  const I8 lo2{0, 1, 8, 9, 4, 5, 12, 13}, hi2{2, 3, 10, 11, 6, 7, 14, 15};
-  const I8 lo4{0, 1, 2, 3, 8, 9, 10, 11}, hi4{4, 5, 6, 7, 12, 13, 14, 15};
   F8 p[4], q[2];
   for (int i = 0; i < 4; ++i) {
-    p[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) +
-           __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+    const F8 x = a[2 * i], y = a[2 * i + 1];
+    p[i] = LOWRANK_EXT_SHUFFLE(I8, x, y, 0, 8, 2, 10, 4, 12, 6, 14) +
+           LOWRANK_EXT_SHUFFLE(I8, x, y, 1, 9, 3, 11, 5, 13, 7, 15);
   }
   for (int i = 0; i < 2; ++i) {
-    q[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo2) +
-           __builtin_shuffle(p[2 * i], p[2 * i + 1], hi2);
+    const F8 x = p[2 * i], y = p[2 * i + 1];
+    q[i] = LOWRANK_EXT_SHUFFLE(I8, x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+           LOWRANK_EXT_SHUFFLE(I8, x, y, 2, 3, 10, 11, 6, 7, 14, 15);
   }
-  return __builtin_shuffle(q[0], q[1], lo4) + __builtin_shuffle(q[0], q[1], hi4);
+  return LOWRANK_EXT_SHUFFLE(I8, q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         LOWRANK_EXT_SHUFFLE(I8, q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 [[gnu::always_inline]] inline D4 lane_sums(const D4 (&a)[4]) {
-  const L4 even{0, 4, 2, 6}, odd{1, 5, 3, 7}, lo2{0, 1, 4, 5}, hi2{2, 3, 6, 7};
-  const D4 p0 = __builtin_shuffle(a[0], a[1], even) + __builtin_shuffle(a[0], a[1], odd);
-  const D4 p1 = __builtin_shuffle(a[2], a[3], even) + __builtin_shuffle(a[2], a[3], odd);
-  return __builtin_shuffle(p0, p1, lo2) + __builtin_shuffle(p0, p1, hi2);
+  const D4 p0 = LOWRANK_EXT_SHUFFLE(L4, a[0], a[1], 0, 4, 2, 6) +
+                LOWRANK_EXT_SHUFFLE(L4, a[0], a[1], 1, 5, 3, 7);
+  const D4 p1 = LOWRANK_EXT_SHUFFLE(L4, a[2], a[3], 0, 4, 2, 6) +
+                LOWRANK_EXT_SHUFFLE(L4, a[2], a[3], 1, 5, 3, 7);
+  return LOWRANK_EXT_SHUFFLE(L4, p0, p1, 0, 1, 4, 5) + LOWRANK_EXT_SHUFFLE(L4, p0, p1, 2, 3, 6, 7);
 }
 
 // One panel of xᵀ A: NV whole vectors of columns plus `tail` (< one vector) more, summed in one
