@@ -85,17 +85,10 @@ bool try_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const 
   return true;
 }
 
-// Single-row, single-column and k = 1 products through cpu/gemv.h, where the vectors are
-// contiguous (always so in the kernels' one-row passes). Faster than MKL's gemv and gemm at
-// these shapes on the 2-core EPYC (bench/RESULTS.md, 2026-12-01); BLAS gemv stays for the rest.
-// A matrix-vector product over this many bytes of the matrix or more is split over torch's
-// threads: one core streams a factor from L3 at about half the rate two do (bench/RESULTS.md,
-// 2026-12-01). Never from inside a parallel region (the kernels' own batch split).
-constexpr int64_t kSplitBytes = int64_t{256} << 10;
-
+// Whether a product over a rows × cols matrix is split over torch's threads (blas.h).
 bool split(int64_t rows, int64_t cols, size_t elem) {
   return at::get_num_threads() > 1 && !at::in_parallel_region() && rows * cols > 1 &&
-         rows * cols * static_cast<int64_t>(elem) >= kSplitBytes;
+         rows * cols * static_cast<int64_t>(elem) >= kThreadSplitBytes;
 }
 
 int64_t grain(int64_t rows) { return at::divup(rows, at::get_num_threads()); }
@@ -148,6 +141,9 @@ void outer_split(int64_t m, int64_t n, T alpha, const T* a, int64_t inc_a, const
   });
 }
 
+// Single-row, single-column and k = 1 products through cpu/gemv.h, where the vectors are
+// contiguous (always so in the kernels' one-row passes): faster than MKL's gemv and gemm at these
+// shapes on the 2-core EPYC (bench/RESULTS.md, 2026-12-01). BLAS gemv stays for the rest.
 template <typename T>
 bool try_own_gemv(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {

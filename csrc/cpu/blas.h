@@ -21,6 +21,11 @@ template <typename T>
 void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
+// From this many bytes of factor on, a product of a few rows is split over torch's threads (never
+// from inside a parallel region): the one-row forward of 4096 → 4096 at r = 64 took 39 µs on one
+// thread and 29 µs split over two on the 2-core EPYC (bench/RESULTS.md, 2026-12-01).
+constexpr int64_t kThreadSplitBytes = int64_t{256} << 10;
+
 // "blas" when the BLAS entry points were found in the running libtorch, else "aten".
 const char* cpu_blas_name();
 

@@ -130,7 +130,7 @@ void gemm_split_cols(int64_t rows, int64_t n, int64_t k, const T* A, int64_t lda
   };
   const int64_t threads = at::get_num_threads();
   const bool split = threads > 1 && !at::in_parallel_region() && n >= 64 * threads &&
-                     k * n * static_cast<int64_t>(sizeof(T)) >= (int64_t{256} << 10);
+                     k * n * static_cast<int64_t>(sizeof(T)) >= cpu::kThreadSplitBytes;
   if (!split) return part(0, n);
   const int64_t cols = at::divup(at::divup(n, threads), 16) * 16;  // whole cache lines each
   at::parallel_for(0, n, cols, [&](int64_t begin, int64_t end) { part(begin, end); });
