@@ -256,6 +256,19 @@ def test_bad_arguments_raise_and_leave_the_model_unchanged(kwargs, error, match)
     _assert_same_state(model, before)
 
 
+@pytest.mark.parametrize("target_modules", [None, "all-linear"])
+def test_a_model_whose_only_linear_is_the_output_layer_is_told_so(target_modules):
+    # The default targets leave the output layer dense: with no other layer there is nothing
+    # to convert, and the error names the layer and how to convert it anyway.
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU())
+    before = _state(model)
+    with pytest.raises(ValueError, match="'0' is the output layer, kept dense unless named"):
+        convert(model, rank=2, target_modules=target_modules)
+    _assert_same_state(model, before)
+    convert(model, rank=2, target_modules=["0"])
+    assert ranks(model) == {"0": 2}
+
+
 def test_a_late_failure_leaves_every_earlier_module_dense():
     # fc and block.fc are factorized before block.fc2 (6 × 6) fails at rank 7.
     model = _mlp()

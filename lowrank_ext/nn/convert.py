@@ -203,10 +203,18 @@ def select_targets(
         excluded = set(_match(exclude_modules, list(modules), "exclude_modules"))
         targets = [name for name in targets if name not in excluded]
     if not targets:
+        output = None
+        if target_modules is None or target_modules == ALL_LINEAR:
+            output = _output_layer(model, modules, internal, _default_kinds(target_modules)[1])
+        kept = (
+            f"; {output!r} is the output layer, kept dense unless named in target_modules"
+            if output is not None
+            else ""
+        )
         raise ValueError(
             f"no module to convert in {type(model).__name__}: target_modules={target_modules!r}, "
             f"exclude_modules={exclude_modules!r} leave nothing ({_SUPPORTED} are converted; "
-            "for a single layer use its from_* class method)"
+            f"for a single layer use its from_* class method){kept}"
         )
     for name in targets:
         _check_convertible(name, modules[name], internal)
@@ -269,16 +277,18 @@ def _attention_internals(modules: Mapping[str, nn.Module]) -> set[str]:
     return {name for name in modules if name.startswith(tuple(prefixes))} if prefixes else set()
 
 
+def _default_kinds(target_modules) -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(module kinds converted, kinds that can be the output layer) for target_modules None or
+    "all-linear"."""
+    linear = linear_kinds()
+    if target_modules is None:
+        return (*linear, nn.Conv2d, nn.MultiheadAttention), (*linear, nn.Conv2d)
+    return (*linear, nn.MultiheadAttention), linear
+
+
 def _targets(model, modules, internal, target_modules) -> list[str]:
     if target_modules is None or target_modules == ALL_LINEAR:
-        linear = linear_kinds()
-        if target_modules is None:
-            kinds, output_kinds = (
-                (*linear, nn.Conv2d, nn.MultiheadAttention),
-                (*linear, nn.Conv2d),
-            )
-        else:
-            kinds, output_kinds = (*linear, nn.MultiheadAttention), linear
+        kinds, output_kinds = _default_kinds(target_modules)
         candidates = [
             name
             for name, module in modules.items()
