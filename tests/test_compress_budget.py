@@ -59,6 +59,24 @@ def test_uniform_budget_keeps_the_same_fraction_in_every_layer():
     assert lowrank_ext.ranks(other) == lowrank_ext.ranks(model)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_budget_that_pays_for_the_dense_model_keeps_it_exact(calibrated):
+    # budget=1.0 (or the int count of every targeted weight) shared uniformly: a dense layer
+    # costs what the share pays and is exact, the break-even rank is not, so all stay dense.
+    model = deep()
+    x = torch.randn(9, 24, dtype=torch.float64)
+    expected, saved = model(x), state(model)
+    total = 24 * 32 + 3 * 32 * 32
+    options = {}
+    if calibrated:
+        options["calibration"] = lowrank_ext.calibrate(model, [x], target_modules=NAMES,
+                                                       progress=False)  # fmt: skip
+    for budget in (1.0, total):
+        lowrank_ext.convert(model, budget=budget, target_modules=NAMES, **options)
+        assert lowrank_ext.ranks(model) == {} and same(model, saved)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_greedy_allocation_is_near_the_exhaustive_optimum(seed):
     # four 12×10 layers: ranks 1…5 (break-even) or dense, every combination searched

@@ -84,6 +84,12 @@ def test_distill_bad_inputs_are_named_and_the_student_is_restored():
         lowrank_ext.distill(student, teacher, bad, steps=4, train="all", progress=False)
     with pytest.raises(ValueError, match="no low-rank module"):
         lowrank_ext.distill(copy.deepcopy(teacher), teacher, batches, steps=2, progress=False)
+    for bad_loss, got in (
+        (lambda s, t, batch: s - t, r"\(64, 6\)"),  # per-element, not reduced
+        (lambda s, t, batch: 0.5, "float"),
+    ):
+        with pytest.raises(ValueError, match=f"argument 'loss' must return a one-element.*{got}"):
+            lowrank_ext.distill(student, teacher, batches, steps=3, loss=bad_loss, progress=False)
     now = student.state_dict()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     assert all(p.requires_grad for p in student.parameters())

@@ -129,6 +129,18 @@ def test_query_key_value_sharing_one_input_form_one_stage_and_flags_are_restored
             torch.testing.assert_close(weight(getattr(student, name)), W, rtol=1e-6, atol=1e-8)
 
 
+def poisoned(teacher, index):
+    """A copy of the teacher with one NaN: in layer 2's weight (index 2), or in the first
+    layer's output through a hook on the Tanh (index 1), so layer 2's input is NaN."""
+    teacher = copy.deepcopy(teacher)
+    if index == 2:
+        with torch.no_grad():
+            teacher[2].weight[0, 0] = float("nan")
+    else:
+        teacher[1].register_forward_hook(lambda module, args, out: out * float("nan"))
+    return teacher
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -139,8 +151,10 @@ def test_query_key_value_sharing_one_input_form_one_stage_and_flags_are_restored
         (lambda t, s, b: (t, copy.deepcopy(t), b, {}), "no low-rank linear layer"),
         (
             lambda t, s, b: (s, t, [b[0], b[1].clone().fill_(float("nan"))], {}),
-            "batch 1 gives layer '0' an input with NaN",
+            "batch 1 gives the student's layer '0' an input with NaN",
         ),  # fmt: skip
+        (lambda t, s, b: (s, poisoned(t, 2), b, {}), "'teacher': layer '2' has NaN or inf"),
+        (lambda t, s, b: (s, poisoned(t, 1), b, {}), "the teacher's layer '2' an input with NaN"),
     ],
 )
 def test_bad_input_is_named_and_leaves_the_student_unchanged(change, message):
@@ -161,7 +175,7 @@ def test_a_failure_in_a_later_stage_restores_the_layers_already_refitted():
         return (args[0] * float("nan"),) if args[0].shape[0] == 350 else None
 
     handle = student[2].register_forward_pre_hook(poison)
-    with pytest.raises(ValueError, match="batch 1 gives layer '2'"):
+    with pytest.raises(ValueError, match="batch 1 gives the student's layer '2'"):
         lowrank_ext.refit(student, teacher, batches, progress=False)
     handle.remove()
     for key, value in student.state_dict().items():

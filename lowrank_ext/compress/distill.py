@@ -103,7 +103,8 @@ def distill(
 
     Returns the loss of every step. Raises ValueError naming the argument (steps, train, lr,
     weight_decay, warmup, schedule, a teacher that is the student or shares a parameter with
-    it, no trainable parameter, batches empty or run out, a non-finite loss); on any error the
+    it, no trainable parameter, batches empty or run out, a loss that is not a one-element
+    tensor or is not finite); on any error the
     student's parameters and buffers are put back as they were.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -151,6 +152,12 @@ def distill(
                 with torch.no_grad():
                     target = run_batch(teacher, batch)
                 value = loss_fn(run_batch(student, batch), target, batch)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                    raise ValueError(
+                        f"argument 'loss' must return a one-element tensor (autograd needs a "
+                        f"scalar to call backward on), got {got!r} at step {len(losses)}"
+                    )
                 if not torch.isfinite(value):
                     raise ValueError(
                         f"distill: the loss is {value.item()} at step {len(losses)} (argument "

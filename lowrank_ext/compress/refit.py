@@ -85,8 +85,10 @@ def refit(
 
     Raises ValueError naming the argument or layer: `batches` not a list/tuple or empty; no
     layer to refit; the teacher is the student or shares its parameters; a layer whose shape
-    differs from the teacher's; an input holding NaN or inf; a layer no batch reaches; student
-    and teacher inputs with different row counts. On error the student is left as it was.
+    differs from the teacher's; a teacher layer whose weight or bias holds NaN or inf; an
+    input holding NaN or inf (the student's or the teacher's, named); a layer no batch
+    reaches; student and teacher inputs with different row counts. On error the student is
+    left as it was.
     """
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("arguments 'student' and 'teacher' must be nn.Module instances")
@@ -101,6 +103,12 @@ def refit(
         raise ValueError(f"argument 'ridge' must be a number ≥ 0, got {ridge!r}")
     check_separate_teacher(student, teacher, "refit")
     layers = _layers(student, teacher)
+    for name, (_, dense) in layers.items():
+        weights = [linear_matrix(name, dense)] + ([dense.bias] if dense.bias is not None else [])
+        if not all(torch.isfinite(w).all() for w in weights):
+            raise ValueError(
+                f"argument 'teacher': layer {name!r} has NaN or inf in its weight or bias"
+            )
     saved = {k: v.detach().clone() for k, v in student.state_dict(keep_vars=True).items()}
     modes = {m: m.training for m in list(student.modules()) + list(teacher.modules())}
     report = {}
@@ -184,9 +192,11 @@ def _next_stage(student, remaining, batch, layers) -> list[str]:
     return group
 
 
-def _inputs(model, modules: dict[str, nn.Module], batch, index: int) -> dict[str, torch.Tensor]:
+def _inputs(
+    model, modules: dict[str, nn.Module], batch, index: int, role: str
+) -> dict[str, torch.Tensor]:
     """{name: float64 input rows (real tokens)} of `modules` on `batch`, the forward cut once
-    all are captured."""
+    all are captured; `role` ("student" or "teacher") names the model in errors."""
     captured, mask = {}, padding_mask(batch)
 
     def hook(name):
@@ -194,8 +204,9 @@ def _inputs(model, modules: dict[str, nn.Module], batch, index: int) -> dict[str
             rows = token_rows(args[0].detach(), mask)
             if not torch.isfinite(rows).all():
                 raise ValueError(
-                    f"argument 'batches': batch {index} gives layer {name!r} an input with NaN "
-                    "or inf values"
+                    f"argument 'batches': batch {index} gives the {role}'s layer {name!r} an "
+                    f"input with NaN or inf values (in the batch, or made by the {role}'s "
+                    "earlier layers)"
                 )
             captured[name] = rows.double()
             if len(captured) == len(modules):
@@ -224,8 +235,8 @@ def _stage_moments(student, teacher, group, batches) -> dict[str, dict]:
     teacher_modules = {name: teacher.get_submodule(name) for name in group}
     sums = {name: None for name in group}
     for index, batch in enumerate(batches):
-        x_hat = _inputs(student, student_modules, batch, index)
-        x = _inputs(teacher, teacher_modules, batch, index)
+        x_hat = _inputs(student, student_modules, batch, index, "student")
+        x = _inputs(teacher, teacher_modules, batch, index, "teacher")
         hat = x_hat[group[0]]
         hat_moment = hat.mT @ hat
         for name in group:

@@ -68,13 +68,19 @@ def uniform_rank(in_features: int, out_features: int, fraction: float, core: str
     return rank
 
 
-def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: int, core: str) -> dict[str, int]:
-    """{name: rank} keeping the same fraction budget / Σ in·out of every layer's numbers.
+def uniform_ranks(
+    shapes: Mapping[str, tuple[int, int]], budget: int, core: str
+) -> dict[str, int | None]:
+    """{name: rank} keeping the same fraction budget / Σ in·out of every layer's numbers; None
+    (stay dense) for every layer when the budget pays for the dense model, since a dense layer
+    is exact and a rank within the same numbers (at most the break-even rank) is not.
 
     `shapes` maps names to (in_features, out_features). Raises ValueError when that fraction
     leaves a layer below rank 1.
     """
     fraction = budget / sum(i * o for i, o in shapes.values())
+    if fraction >= 1:
+        return dict.fromkeys(shapes)
     ranks = {name: uniform_rank(i, o, fraction, core) for name, (i, o) in shapes.items()}
     starved = [name for name, rank in ranks.items() if rank == 0]
     if starved:
