@@ -104,8 +104,8 @@ def distill(
     Returns the loss of every step. Raises ValueError naming the argument (steps, train, lr,
     weight_decay, warmup, schedule, a teacher that is the student or shares a parameter with
     it, no trainable parameter, batches empty or run out, a loss that is not a one-element
-    tensor or is not finite); on any error the
-    student's parameters and buffers are put back as they were.
+    tensor or is not finite); on any error the student's parameters and buffers are put back
+    as they were.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"argument 'steps' must be a positive int, got {steps!r}")
