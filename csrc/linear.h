@@ -38,6 +38,16 @@ LinearSizes check_linear_backward_args(const at::Tensor& grad_y, const at::Tenso
 // bool[5], but the dispatcher does not enforce a list's length.
 std::array<bool, 5> linear_output_mask(const c10::List<bool>& output_mask);
 
+// The layout of a factor's gradient. A gradient with the strides of its parameter is what
+// autograd's AccumulateGrad takes as it is; any other layout costs a copy (or a strided add)
+// per backward. ATen's own mm gradients follow the input's layout, so these do too: a factor
+// (U, V or a full core S) that is column-major (stride(0) == 1, stride(1) == rows, both sizes
+// > 1, as torch.linalg.qr and svd return it) gets a column-major gradient, anything else a
+// row-major contiguous one.
+bool grad_transposed(const at::Tensor& factor);
+// grad itself when its layout is the one grad_transposed(factor) asks for, else a copy in it.
+at::Tensor in_grad_layout(const at::Tensor& grad, const at::Tensor& factor);
+
 // Output shape of y: x's leading dims followed by out_features.
 std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features);
 

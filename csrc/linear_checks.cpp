@@ -112,6 +112,19 @@ std::array<bool, 5> linear_output_mask(const c10::List<bool>& output_mask) {
           output_mask.get(4)};
 }
 
+bool grad_transposed(const at::Tensor& factor) {
+  return factor.dim() == 2 && factor.size(0) > 1 && factor.size(1) > 1 && factor.stride(0) == 1 &&
+         factor.stride(1) == factor.size(0);
+}
+
+at::Tensor in_grad_layout(const at::Tensor& grad, const at::Tensor& factor) {
+  if (grad.dim() != 2) return grad;  // (0,) when not asked for, or a diagonal core's vector
+  const bool transposed = grad_transposed(factor);
+  if (transposed ? grad_transposed(grad) : grad.is_contiguous()) return grad;
+  if (!transposed) return grad.contiguous();
+  return grad.t().contiguous().t();
+}
+
 at::ScalarType saved_t_dtype(at::ScalarType x_dtype) {
   return x_dtype == at::kHalf || x_dtype == at::kBFloat16 ? at::kFloat : x_dtype;
 }

@@ -249,6 +249,17 @@ def _check_output_mask(op, output_mask, names):
     )
 
 
+def _grad_transposed(factor: torch.Tensor) -> bool:
+    # csrc/linear.h grad_transposed: a column-major factor gets a column-major gradient.
+    return (
+        factor.dim() == 2
+        and factor.shape[0] > 1
+        and factor.shape[1] > 1
+        and factor.stride(0) == 1
+        and factor.stride(1) == factor.shape[0]
+    )
+
+
 @torch.library.register_fake("lowrank_ext::linear_backward")
 def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
     op = "lowrank_ext.linear_backward"
@@ -267,10 +278,14 @@ def _linear_backward_fake(grad_y, x, t, U, S, V, output_mask):
     )
 
     def grad_like(needed, like):
-        return like.new_empty(like.shape) if needed else like.new_empty((0,))
+        if not needed:
+            return like.new_empty((0,))
+        if _grad_transposed(like):
+            return like.new_empty((like.shape[1], like.shape[0])).t()
+        return like.new_empty(like.shape)
 
     return (
-        grad_like(output_mask[0], x),
+        x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
         grad_like(output_mask[1], U),
         grad_like(output_mask[2], S),
         grad_like(output_mask[3], V),

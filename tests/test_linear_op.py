@@ -191,3 +191,37 @@ def test_deterministic_run_to_run():
         results.append([y.detach().clone()] + [leaf.grad.clone() for leaf in leaves])
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+def _column_major(t):
+    return t.t().contiguous().t() if t.dim() == 2 else t.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("batch", [0, 1, 37, 700])
+@pytest.mark.parametrize("column_major", ["none", "U", "V", "all"])
+def test_factor_gradients_take_the_factors_layout(device, core, batch, column_major):
+    # torch.linalg.qr/svd return column-major factors. Their gradients come back column-major,
+    # as ATen's mm gradients do, so that AccumulateGrad takes them as they are instead of
+    # copying them into the parameter's layout on every backward.
+    x, U, S, V, b = make_factors((batch,), 40, 24, 6, core=core, device=device)
+    chosen = {"none": (), "U": ("U",), "V": ("V",), "all": ("U", "S", "V")}[column_major]
+    factors = {"U": U, "S": S, "V": V}
+    leaves = {
+        k: (_column_major(f) if k in chosen else f.clone()).requires_grad_()
+        for k, f in factors.items()
+    }
+    bias = b.clone().requires_grad_()
+    dy = torch.randn(batch, 24, dtype=x.dtype, device=device)
+    lowrank_ext.linear(x, leaves["U"], leaves["S"], leaves["V"], bias).backward(dy)
+    ref = {k: f.double().requires_grad_() for k, f in factors.items()}
+    reference.linear(x.double(), ref["U"], ref["S"], ref["V"], b.double()).backward(dy.double())
+    rtol, atol = TOLERANCES[x.dtype]
+    for k, leaf in leaves.items():
+        assert leaf.grad.stride() == leaf.stride(), (k, leaf.grad.stride(), leaf.stride())
+        torch.testing.assert_close(leaf.grad.double(), ref[k].grad, rtol=rtol, atol=atol * 30)
+    # The fake (meta) kernel gives the same strides as the real one: compile and export see them.
+    t = x @ V
+    args = (dy, x, t, leaves["U"].detach(), leaves["S"].detach(), leaves["V"].detach(), [True] * 5)
+    opcheck(torch.ops.lowrank_ext.linear_backward, args)

@@ -183,9 +183,9 @@ struct Forward {
 // The batch sums of one thread (or the outputs themselves on a single pass).
 template <typename T>
 struct Sums {
-  T* dU = nullptr;  // (m, r)
-  T* dS = nullptr;  // (r) or (r, r)
-  T* dV = nullptr;  // (n, r)
+  T* dU = nullptr;  // (m, r), or stored as its transpose (r, m): see Backward::tU
+  T* dS = nullptr;  // (r) or (r, r), or (r, r) transposed
+  T* dV = nullptr;  // (n, r), or (r, n)
   T* db = nullptr;  // (m)
   bool first = true;  // the first block overwrites (beta = 0), later blocks add
 };
@@ -201,6 +201,7 @@ struct Backward {
   T* dx;  // (B, n) or null
   int64_t n, m, r;
   bool diag, need_dx, need_dU, need_dS, need_dV, need_db;
+  bool tU, tS, tV;  // write that gradient transposed (column-major, grad_transposed)
 
   // Rows [row, row + rows); work holds 3·rows·r + rows elements.
   void block(int64_t row, int64_t rows, T* work, Sums<T>& sums) const {
@@ -232,7 +233,11 @@ struct Backward {
       } else {
         gemm<T>(Op::N, S.as(Op::T), rows, r, r, 1, tb, r, S.p, S.ld, 0, buf_z, r);
       }
-      gemm<T>(Op::T, Op::N, m, r, rows, 1, dyb, m, buf_z, r, beta, sums.dU, r);
+      if (tU) {  // dUᵀ += zᵀ dy
+        gemm<T>(Op::T, Op::N, r, m, rows, 1, buf_z, r, dyb, m, beta, sums.dU, m);
+      } else {
+        gemm<T>(Op::T, Op::N, m, r, rows, 1, dyb, m, buf_z, r, beta, sums.dU, r);
+      }
     }
     if (!(need_dS || need_dV || need_dx)) return;
     gemm<T>(Op::N, U.as(Op::N), rows, r, m, 1, dyb, m, U.p, U.ld, 0, buf_g, r);  // g = dy U
@@ -243,6 +248,8 @@ struct Backward {
           for (int64_t i = 0; i < rows; ++i) s += buf_g[i * r + c] * tb[i * r + c];
           sums.dS[c] = beta == T(0) ? s : sums.dS[c] + s;  // never 0·NaN
         }
+      } else if (tS) {  // dSᵀ += tᵀ g
+        gemm<T>(Op::T, Op::N, r, r, rows, 1, tb, r, buf_g, r, beta, sums.dS, r);
       } else {
         gemm<T>(Op::T, Op::N, r, r, rows, 1, buf_g, r, tb, r, beta, sums.dS, r);
       }
@@ -255,7 +262,11 @@ struct Backward {
     } else {
       gemm<T>(Op::N, S.as(Op::N), rows, r, r, 1, buf_g, r, S.p, S.ld, 0, dt, r);
     }
-    if (need_dV) gemm<T>(Op::T, Op::N, n, r, rows, 1, xb, n, dt, r, beta, sums.dV, r);
+    if (need_dV && tV) {  // dVᵀ += dtᵀ x
+      gemm<T>(Op::T, Op::N, r, n, rows, 1, dt, r, xb, n, beta, sums.dV, n);
+    } else if (need_dV) {
+      gemm<T>(Op::T, Op::N, n, r, rows, 1, xb, n, dt, r, beta, sums.dV, r);
+    }
     if (need_dx) gemm<T>(Op::N, V.as(Op::T), rows, n, r, 1, dt, r, V.p, V.ld, 0, dx + row * n, n);
   }
 };
@@ -343,13 +354,19 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
   const int64_t B = sz.batch, n = sz.in_features, m = sz.out_features, r = sz.rank;
 
   at::Tensor dx = need_dx ? cpu::empty_output(x.sizes(), opts) : at::empty({0}, opts);
-  auto grad = [&](bool needed, at::IntArrayRef shape) {
-    // A sum over an empty batch is zero.
+  const bool tU = grad_transposed(U), tS = grad_transposed(S), tV = grad_transposed(V);
+  // A gradient as the kernel writes it: row-major, or its transpose row-major for a factor
+  // whose gradient is column-major (`grad` then returns the transposed view).
+  auto stored = [&](bool needed, at::IntArrayRef shape, bool transposed) {
     if (!needed) return at::empty({0}, opts);
-    return B == 0 ? at::zeros(shape, opts) : cpu::empty_output(shape, opts);
+    std::vector<int64_t> s(shape.begin(), shape.end());
+    if (transposed) std::swap(s[0], s[1]);
+    return B == 0 ? at::zeros(s, opts) : cpu::empty_output(s, opts);  // empty batch: zero
   };
-  at::Tensor dU = grad(need_dU, U.sizes()), dS = grad(need_dS, S.sizes());
-  at::Tensor dV = grad(need_dV, V.sizes()), db = grad(need_db, {m});
+  at::Tensor sU = stored(need_dU, U.sizes(), tU), sS = stored(need_dS, S.sizes(), tS);
+  at::Tensor sV = stored(need_dV, V.sizes(), tV), db = stored(need_db, {m}, false);
+  const at::Tensor dU = tU && need_dU ? sU.t() : sU, dS = tS && need_dS ? sS.t() : sS;
+  const at::Tensor dV = tV && need_dV ? sV.t() : sV;
   if (B == 0) return {dx, dU, dS, dV, db};
 
   const at::Tensor dyc = grad_y.contiguous();
@@ -365,8 +382,8 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     shape.insert(shape.end(), out.sizes().begin(), out.sizes().end());
     return cpu::empty_output(shape, opts).zero_();
   };
-  const at::Tensor pU = partial(need_dU, dU), pS = partial(need_dS, dS);
-  const at::Tensor pV = partial(need_dV, dV), pb = partial(need_db, db);
+  const at::Tensor pU = partial(need_dU, sU), pS = partial(need_dS, sS);
+  const at::Tensor pV = partial(need_dV, sV), pb = partial(need_db, db);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_ext_linear_backward_cpu", [&] {
     using T = scalar_t;
@@ -386,7 +403,10 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
                         need_dU,
                         need_dS,
                         need_dV,
-                        need_db};
+                        need_db,
+                        tU,
+                        tS,
+                        tV};
     auto slot_sums = [&](int64_t slot) {
       Sums<T> s;
       auto at_slot = [&](bool needed, const at::Tensor& p, int64_t size) -> T* {
@@ -417,9 +437,9 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
     }
   });
   if (split) {
-    if (need_dU) at::sum_out(dU, pU, 0);
-    if (need_dS) at::sum_out(dS, pS, 0);
-    if (need_dV) at::sum_out(dV, pV, 0);
+    if (need_dU) at::sum_out(sU, pU, 0);
+    if (need_dS) at::sum_out(sS, pS, 0);
+    if (need_dV) at::sum_out(sV, pV, 0);
     if (need_db) at::sum_out(db, pb, 0);
   }
   return {dx, dU, dS, dV, db};

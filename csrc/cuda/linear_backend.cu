@@ -30,8 +30,10 @@ LinearGrads linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& V, const c10::List<bool>& output_mask) {
   const std::array<bool, 5> mask = linear_output_mask(output_mask);
   switch (cuda_kernels()) {
-    case CudaKernels::kFused:
-      return linear_backward_fused(grad_y, x, t, U, S, V, mask);
+    case CudaKernels::kFused: {  // its kernels write row-major gradients
+      auto [dx, dU, dS, dV, db] = linear_backward_fused(grad_y, x, t, U, S, V, mask);
+      return {dx, in_grad_layout(dU, U), in_grad_layout(dS, S), in_grad_layout(dV, V), db};
+    }
 #ifdef LOWRANK_EXT_WITH_TENSORCORE
     case CudaKernels::kTensorcore:  // g and dbias on tensor cores, the rest composed
       return linear_backward_tensorcore(grad_y, x, t, U, S, V, mask);

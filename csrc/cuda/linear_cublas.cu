@@ -85,15 +85,19 @@ LinearGrads linear_backward_cublas_given(const at::Tensor& grad_y, const at::Ten
              dS = at::empty({0}, x.options()), dV = at::empty({0}, x.options()),
              db = at::empty({0}, x.options());
   if (need_db) db = db_given.defined() ? db_given : dy2.sum(0);
-  if (need_dU) dU = at::mm(dy2.t(), apply_core(tt, S, /*transpose=*/true, dtype));
+  // A column-major factor gets a column-major gradient (grad_transposed): the transposed product.
+  auto outer = [](const at::Tensor& a, const at::Tensor& b, bool transposed) {  // aᵀ b
+    return transposed ? at::mm(b.t(), a).t() : at::mm(a.t(), b);
+  };
+  if (need_dU) dU = outer(dy2, apply_core(tt, S, /*transpose=*/true, dtype), grad_transposed(U));
   if (need_dS || need_dV || need_dx) {
     const at::Tensor g = g_given.defined() ? g_given : mm_wide(dy2, U);  // (batch, r)
     if (need_dS) {
-      dS = (S.dim() == 1 ? (g * tt).sum(0) : at::mm(g.t(), tt)).to(dtype);
+      dS = (S.dim() == 1 ? (g * tt).sum(0) : outer(g, tt, grad_transposed(S))).to(dtype);
     }
     if (need_dV || need_dx) {
       const at::Tensor dt = apply_core(g, S, /*transpose=*/false, dtype);
-      if (need_dV) dV = at::mm(x2.t(), dt);
+      if (need_dV) dV = outer(x2, dt, grad_transposed(V));
       if (need_dx) dx = at::mm(dt, V.t()).view(x.sizes());
     }
   }
