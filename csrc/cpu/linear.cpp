@@ -355,8 +355,8 @@ LinearGrads linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, c
 
   at::Tensor dx = need_dx ? cpu::empty_output(x.sizes(), opts) : at::empty({0}, opts);
   const bool tU = grad_transposed(U), tS = grad_transposed(S), tV = grad_transposed(V);
-  // A gradient as the kernel writes it: row-major, or its transpose row-major for a factor
-  // whose gradient is column-major (`grad` then returns the transposed view).
+  // A gradient as the kernel writes it: row-major, or, for a factor whose gradient is
+  // column-major, its transpose row-major (returned below as the transposed view).
   auto stored = [&](bool needed, at::IntArrayRef shape, bool transposed) {
     if (!needed) return at::empty({0}, opts);
     std::vector<int64_t> s(shape.begin(), shape.end());
